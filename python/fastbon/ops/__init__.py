@@ -1,0 +1,7 @@
+"""fastbon's ops: each validates its inputs, picks a backend and calls it (see ``fastbon.dispatch``)."""
+
+from .attention import shared_prefix_attention
+from .sampling import sample
+from .topk import select_topk
+
+__all__ = ["sample", "select_topk", "shared_prefix_attention"]

@@ -1,0 +1,64 @@
+"""Public entry of the shared-prefix decode attention op."""
+
+import math
+
+import torch
+
+from .. import dispatch
+from . import _checks
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
+                            *, scale=None, backend=None):
+    """Decode attention for N single-token queries over a prefix shared per prompt plus a suffix per sample.
+
+    Args:
+        q: [N, Hq, D] queries (float16, bfloat16, float32, float64).
+        prefix_k, prefix_v: [B, Hkv, P_max, D] each prompt's keys/values, stored once (HF layout).
+        prefix_lens: int32 [B], valid prefix length per prompt (<= P_max).
+        suffix_k, suffix_v: [N, Hkv, T_max, D] each sample's own keys/values.
+        suffix_lens: int32 [N], valid suffix length per sample (<= T_max).
+        sample_to_prompt: int32 [N], the prompt each query belongs to.
+        scale: softmax scale, default 1/sqrt(D).
+        backend: None (pick), "torch", "triton", "cpu" or "cuda".
+
+    Returns:
+        [N, Hq, D] in q's dtype: softmax attention of query i over its prompt's first prefix_lens[b] keys and its
+        own first suffix_lens[i] keys (query head h reads KV head h // (Hq // Hkv)); zeros where there are no keys.
+
+    Example:
+        >>> out = shared_prefix_attention(q, pk, pv, torch.tensor([7], dtype=torch.int32), sk, sv,
+        ...                               torch.full((4,), 3, dtype=torch.int32), torch.zeros(4, dtype=torch.int32))
+    """
+    _checks.tensor("q", q, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+    device = q.device
+    num_samples, num_q_heads, head_dim = q.shape
+    for name, value in (("prefix_k", prefix_k), ("prefix_v", prefix_v), ("suffix_k", suffix_k),
+                        ("suffix_v", suffix_v)):
+        _checks.tensor(name, value, ndim=4, dtypes=(q.dtype,), device=device)
+    num_prompts, num_kv_heads, prefix_max, _ = prefix_k.shape
+    suffix_max = suffix_k.shape[2]
+    _checks.shape("prefix_k", prefix_k, (num_prompts, num_kv_heads, prefix_max, head_dim))
+    _checks.shape("prefix_v", prefix_v, prefix_k.shape)
+    _checks.shape("suffix_k", suffix_k, (num_samples, num_kv_heads, suffix_max, head_dim))
+    _checks.shape("suffix_v", suffix_v, suffix_k.shape)
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q's head count ({num_q_heads}) must be a multiple of the KV head count ({num_kv_heads})")
+    if num_prompts == 0:
+        raise ValueError("prefix_k must hold at least one prompt")
+    for name, value, length in (("prefix_lens", prefix_lens, num_prompts), ("suffix_lens", suffix_lens, num_samples),
+                                ("sample_to_prompt", sample_to_prompt, num_samples)):
+        _checks.tensor(name, value, ndim=1, dtypes=(torch.int32,), device=device)
+        _checks.shape(name, value, (length,))
+    _checks.in_range("prefix_lens", prefix_lens, 0, prefix_max)
+    _checks.in_range("suffix_lens", suffix_lens, 0, suffix_max)
+    _checks.in_range("sample_to_prompt", sample_to_prompt, 0, num_prompts - 1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    chosen = dispatch.resolve("shared_prefix_attention", device, backend)
+    implementation = dispatch.implementation("shared_prefix_attention", chosen)
+    return implementation(q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), prefix_lens.contiguous(),
+                          suffix_k.contiguous(), suffix_v.contiguous(), suffix_lens.contiguous(),
+                          sample_to_prompt.contiguous(), float(scale))
