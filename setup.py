@@ -3,6 +3,7 @@
 from setuptools import setup
 
 setup(
-    packages=["fastbon", "fastbon.ops", "fastbon.kernels"],
+    packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models"],
     package_dir={"fastbon": "python/fastbon", "fastbon.kernels": "kernels"},
+    package_data={"fastbon.models": ["*/*.json", "*/*.safetensors", "*/*.txt"]},
 )

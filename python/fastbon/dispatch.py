@@ -77,7 +77,7 @@ def backends() -> dict[str, str]:
     status = {}
     for backend in BACKENDS:
         reasons = [unavailable_reason(backend, device) for device in devices]
-        usable = [str(device) for device, reason in zip(devices, reasons) if reason is None]
+        usable = [str(device) for device, reason in zip(devices, reasons, strict=True) if reason is None]
         status[backend] = f"available ({', '.join(usable)})" if usable else reasons[-1]
     return status
 
