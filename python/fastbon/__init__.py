@@ -1,6 +1,10 @@
 """fastbon: fast best-of-n decoding with one shared prompt KV cache and on-device sampling, scoring, selection."""
 
+from . import ops
+from .cache import SharedPrefixCache
 from .dispatch import backends
+from .generate import GenerationResult, generate
+from .scoring import Samples
 
 __version__ = "0.1.0"
-__all__ = ["backends"]
+__all__ = ["GenerationResult", "Samples", "SharedPrefixCache", "backends", "generate", "ops"]

@@ -57,8 +57,13 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         scale = 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    chosen = dispatch.resolve("shared_prefix_attention", device, backend)
-    implementation = dispatch.implementation("shared_prefix_attention", chosen)
-    return implementation(q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), prefix_lens.contiguous(),
+    return attention_implementation(device, backend)(q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), prefix_lens.contiguous(),
                           suffix_k.contiguous(), suffix_v.contiguous(), suffix_lens.contiguous(),
                           sample_to_prompt.contiguous(), float(scale))
+
+
+def attention_implementation(device: torch.device, backend: str | None = None):
+    """The backend function (contract of ``reference.shared_prefix_attention``, inputs unchecked) that runs on
+    ``device``: resolved once by a caller that calls it every layer of every step."""
+    return dispatch.implementation("shared_prefix_attention", dispatch.resolve("shared_prefix_attention", device,
+                                                                                backend))
