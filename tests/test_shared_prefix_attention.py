@@ -35,6 +35,11 @@ def _inputs(shape, dtype, device, seed, shuffled=False):
     sample_to_prompt = torch.arange(num_prompts).repeat_interleave(per_prompt)
     if shuffled:
         sample_to_prompt = sample_to_prompt[torch.randperm(num_samples, generator=generator)]
+    # Positions past a length are unused buffer space: NaN there must never reach an output.
+    for keys, values, lengths in ((prefix_k, prefix_v, prefix_lens), (suffix_k, suffix_v, suffix_lens)):
+        unused = torch.arange(keys.shape[2]) >= lengths[:, None]
+        keys[unused.to(device)[:, None, :, None].expand_as(keys)] = float("nan")
+        values[unused.to(device)[:, None, :, None].expand_as(values)] = float("nan")
     ints = [t.to(device=device, dtype=torch.int32) for t in (prefix_lens, suffix_lens, sample_to_prompt)]
     return q, prefix_k, prefix_v, ints[0], suffix_k, suffix_v, ints[1], ints[2]
 
@@ -92,6 +97,8 @@ def test_empty_prefix_and_suffix(backend_device):
     backend, device = backend_device
     q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, s2p = _inputs(
         (2, 3, 4, 2, 64, 9, 4), torch.float32, device, seed=5)
+    # The lengths change below, so the NaN that marked unused positions must go.
+    prefix_k, prefix_v, suffix_k, suffix_v = (t.nan_to_num(nan=0.5) for t in (prefix_k, prefix_v, suffix_k, suffix_v))
     prefix_lens = torch.tensor([0, 9], dtype=torch.int32, device=device)
     suffix_lens = torch.tensor([0, 2, 4, 0, 1, 0], dtype=torch.int32, device=device)
     args = [prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, s2p]

@@ -63,8 +63,12 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     prefix_valid = torch.arange(prefix_max, device=q.device) < prefix_lens.long()[prompt][:, None]
     scores = scores.masked_fill(~prefix_valid[:, None, None, :], float("-inf"))
 
+    # Positions past a length may hold anything (a preallocated buffer): zero them so 0 * garbage stays 0.
+    prompt_valid = torch.arange(prefix_max, device=q.device) < prefix_lens.long()[:, None]
+    prefix_values_valid = torch.where(prompt_valid[:, None, :, None], prefix_v.to(work), 0)
+
     def prefix_values(probs):
-        per_prompt = torch.einsum("nhgp,bhpd->nbhgd", probs, prefix_v.to(work))
+        per_prompt = torch.einsum("nhgp,bhpd->nbhgd", probs, prefix_values_valid)
         return per_prompt[torch.arange(num_samples, device=q.device), prompt]
 
     out_prefix, lse_prefix = _partial_attention(scores, prefix_values)
@@ -72,8 +76,9 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     scores = torch.einsum("nhgd,nhtd->nhgt", query, suffix_k.to(work))
     suffix_valid = torch.arange(suffix_max, device=q.device) < suffix_lens.long()[:, None]
     scores = scores.masked_fill(~suffix_valid[:, None, None, :], float("-inf"))
+    suffix_values_valid = torch.where(suffix_valid[:, None, :, None], suffix_v.to(work), 0)
     out_suffix, lse_suffix = _partial_attention(
-        scores, lambda probs: torch.einsum("nhgt,nhtd->nhgd", probs, suffix_v.to(work)))
+        scores, lambda probs: torch.einsum("nhgt,nhtd->nhgd", probs, suffix_values_valid))
 
     out, _ = merge_states(out_prefix, lse_prefix, out_suffix, lse_suffix)
     return out.reshape(num_samples, num_q_heads, head_dim).to(q.dtype)
