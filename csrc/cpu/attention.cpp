@@ -1,0 +1,290 @@
+// Shared-prefix decode attention on the CPU (Hydragen's batching, FlashInfer's merge_state).
+//
+// Samples are grouped by prompt (a stable counting sort of sample_to_prompt: no grouping is assumed). For each
+// (prompt, KV head, chunk of kChunk prefix keys) one work item multiplies all n·(Hq/Hkv) query rows of that prompt
+// with the chunk's keys and values, so every prefix byte is read once per step: two small GEMMs with a softmax
+// between them, accumulated in float32 (float64 for float64 inputs). Each sample's suffix is a work item of its
+// Hq/Hkv rows. Items write a partial (softmax-weighted values, log-sum-exp) per query row and chunk; a last pass
+// merges the partials of each query row by their log-sum-exp. Items run in parallel under OpenMP.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_ops.h"
+
+namespace fastbon::cpu {
+namespace {
+
+constexpr int64_t kChunk = 256;     // keys per item: the chunk's K^T and V (2 x 64 KiB at D=64) stay in L2
+constexpr int64_t kRowBlock = 96;   // query rows per GEMM pass, bounds the score scratch
+constexpr int64_t kMaxColumns = 32;  // widest register-tile column count (elements); scratch pads to it
+
+FASTBON_INLINE int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// c[Rows, Cols] = a[Rows, depth] · b[depth, Cols], the accumulators held in registers.
+template <typename Acc, int Rows, int Cols>
+FASTBON_INLINE void gemm_tile(int64_t depth, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+                              int64_t ldc) {
+  Acc acc[Rows][Cols] = {};
+  for (int64_t inner = 0; inner < depth; ++inner) {
+    const Acc* b_row = b + inner * ldb;
+    for (int r = 0; r < Rows; ++r) {
+      const Acc a_value = a[r * lda + inner];
+#pragma omp simd
+      for (int col = 0; col < Cols; ++col) acc[r][col] += a_value * b_row[col];
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+#pragma omp simd
+    for (int col = 0; col < Cols; ++col) c[r * ldc + col] = acc[r][col];
+  }
+}
+
+// c[rows, columns] = a[rows, depth] · b[depth, columns]; columns is a multiple of Cols.
+template <typename Acc, int Rows, int Cols>
+FASTBON_INLINE void gemm(int64_t rows, int64_t columns, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
+                         int64_t ldb, Acc* c, int64_t ldc) {
+  int64_t row = 0;
+  for (; row + Rows <= rows; row += Rows)
+    for (int64_t col = 0; col < columns; col += Cols)
+      gemm_tile<Acc, Rows, Cols>(depth, a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc);
+  for (; row < rows; ++row)
+    for (int64_t col = 0; col < columns; col += Cols)
+      gemm_tile<Acc, 1, Cols>(depth, a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc);
+}
+
+// One work item: `rows` query rows (scaled, contiguous) against `length` <= kChunk keys/values.
+template <typename In, typename Acc>
+struct Segment {
+  const In* keys;    // [length, head_dim]
+  const In* values;  // [length, head_dim]
+  int64_t length;
+  const Acc* queries;  // [rows, head_dim]
+  int64_t rows;
+  Acc* out;  // row r's normalised partial output at out + r * out_stride
+  int64_t out_stride;
+  Acc* lse;  // row r's log-sum-exp at lse[r * lse_stride]
+  int64_t lse_stride;
+};
+
+template <typename Acc>
+int64_t scratch_elements(int64_t head_dim) {
+  const int64_t padded_dim = round_up(head_dim, kMaxColumns);
+  return head_dim * kChunk + kChunk * padded_dim + kRowBlock * kChunk + kRowBlock * padded_dim;
+}
+
+template <typename In, typename Acc, int Rows, int Cols>
+FASTBON_INLINE void attend_segment(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  const int64_t padded_dim = round_up(head_dim, Cols);
+  const int64_t padded_length = round_up(segment.length, Cols);
+  Acc* keys_t = scratch;                                   // [head_dim, padded_length]
+  Acc* values = keys_t + head_dim * kChunk;                // [length, padded_dim]
+  Acc* scores = values + kChunk * round_up(head_dim, kMaxColumns);  // [kRowBlock, padded_length]
+  Acc* outputs = scores + kRowBlock * kChunk;              // [kRowBlock, padded_dim]
+
+  for (int64_t key = 0; key < segment.length; ++key)
+    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * padded_length + key] = to_float(segment.keys[key * head_dim + d]);
+  for (int64_t d = 0; d < head_dim; ++d)
+    for (int64_t key = segment.length; key < padded_length; ++key) keys_t[d * padded_length + key] = 0;
+
+  const Acc* value_rows = values;
+  int64_t value_stride = padded_dim;
+  if constexpr (std::is_same_v<In, Acc>) {
+    if (padded_dim == head_dim) {  // already float and tile-aligned: read the values in place
+      value_rows = segment.values;
+      value_stride = head_dim;
+    }
+  }
+  if (value_rows == values) {
+    for (int64_t key = 0; key < segment.length; ++key) {
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) values[key * padded_dim + d] = to_float(segment.values[key * head_dim + d]);
+      for (int64_t d = head_dim; d < padded_dim; ++d) values[key * padded_dim + d] = 0;
+    }
+  }
+
+  Acc row_max[kRowBlock], row_sum[kRowBlock];
+  for (int64_t first_row = 0; first_row < segment.rows; first_row += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, segment.rows - first_row);
+    gemm<Acc, Rows, Cols>(rows, padded_length, head_dim, segment.queries + first_row * head_dim, head_dim, keys_t,
+                          padded_length, scores, padded_length);
+    for (int64_t r = 0; r < rows; ++r) {
+      Acc* row = scores + r * padded_length;
+      Acc maximum = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : maximum)
+      for (int64_t key = 0; key < segment.length; ++key) maximum = row[key] > maximum ? row[key] : maximum;
+      Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t key = 0; key < segment.length; ++key) {
+        const Acc p = exp_nonpositive(row[key] - maximum);
+        row[key] = p;
+        sum += p;
+      }
+      row_max[r] = maximum;
+      row_sum[r] = sum;
+    }
+    gemm<Acc, Rows, Cols>(rows, padded_dim, segment.length, scores, padded_length, value_rows, value_stride, outputs,
+                          padded_dim);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Acc inverse = Acc(1) / row_sum[r];
+      Acc* destination = segment.out + (first_row + r) * segment.out_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) destination[d] = outputs[r * padded_dim + d] * inverse;
+      segment.lse[(first_row + r) * segment.lse_stride] = row_max[r] + std::log(row_sum[r]);
+    }
+  }
+}
+
+// The same body compiled for three instruction sets; register tiles of 6 rows x two vectors.
+template <typename In, typename Acc>
+FASTBON_TARGET_AVX512 void attend_segment_avx512(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  attend_segment<In, Acc, 6, 128 / sizeof(Acc)>(segment, head_dim, scratch);
+}
+template <typename In, typename Acc>
+FASTBON_TARGET_AVX2 void attend_segment_avx2(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  attend_segment<In, Acc, 6, 64 / sizeof(Acc)>(segment, head_dim, scratch);
+}
+template <typename In, typename Acc>
+void attend_segment_baseline(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  attend_segment<In, Acc, 6, 32 / sizeof(Acc)>(segment, head_dim, scratch);
+}
+
+template <typename In, typename Acc>
+void run_attention(const In* q, const In* prefix_k, const In* prefix_v, const int32_t* prefix_lens, const In* suffix_k,
+                   const In* suffix_v, const int32_t* suffix_lens, const int32_t* sample_to_prompt, In* out,
+                   int64_t num_samples, int64_t num_prompts, int64_t num_q_heads, int64_t num_kv_heads,
+                   int64_t head_dim, int64_t prefix_max, int64_t suffix_max, double scale, int num_threads) {
+  const int64_t group = num_q_heads / num_kv_heads;
+  // Stable counting sort: order[first[b] .. first[b + 1]) are prompt b's samples.
+  std::vector<int64_t> first(num_prompts + 1, 0), order(num_samples), position(num_samples);
+  for (int64_t i = 0; i < num_samples; ++i) ++first[sample_to_prompt[i] + 1];
+  for (int64_t b = 0; b < num_prompts; ++b) first[b + 1] += first[b];
+  std::vector<int64_t> cursor(first.begin(), first.end() - 1);
+  for (int64_t i = 0; i < num_samples; ++i) {
+    position[i] = cursor[sample_to_prompt[i]]++;
+    order[position[i]] = i;
+  }
+  // Query rows are renumbered so that prompt b's rows for KV head h are contiguous: one GEMM operand per item.
+  auto row_id = [&](int64_t prompt, int64_t kv_head, int64_t local_sample) {
+    const int64_t count = first[prompt + 1] - first[prompt];
+    return first[prompt] * num_q_heads + kv_head * count * group + local_sample * group;
+  };
+  const int64_t prefix_slots = (prefix_max + kChunk - 1) / kChunk;
+  const int64_t slots = prefix_slots + (suffix_max + kChunk - 1) / kChunk;
+  const int64_t num_rows = num_samples * num_q_heads;
+  std::unique_ptr<Acc[]> queries(new Acc[num_rows * head_dim]);
+  std::unique_ptr<Acc[]> partial_out(new Acc[num_rows * slots * head_dim]);
+  std::unique_ptr<Acc[]> partial_lse(new Acc[num_rows * slots]);
+  for (int64_t i = 0; i < num_samples; ++i) {
+    const int64_t prompt = sample_to_prompt[i];
+    for (int64_t head = 0; head < num_q_heads; ++head) {
+      const int64_t row = row_id(prompt, head / group, position[i] - first[prompt]) + head % group;
+      const In* source = q + (i * num_q_heads + head) * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d)
+        queries[row * head_dim + d] = to_float(source[d]) * static_cast<Acc>(scale);
+    }
+  }
+
+  std::vector<Segment<In, Acc>> segments;
+  auto add_segments = [&](const In* keys, const In* values, int64_t length, int64_t row, int64_t rows,
+                          int64_t first_slot) {
+    for (int64_t chunk = 0; chunk * kChunk < length; ++chunk) {
+      const int64_t offset = chunk * kChunk * head_dim;
+      segments.push_back({keys + offset, values + offset, std::min(kChunk, length - chunk * kChunk),
+                          queries.get() + row * head_dim, rows,
+                          partial_out.get() + (row * slots + first_slot + chunk) * head_dim, slots * head_dim,
+                          partial_lse.get() + row * slots + first_slot + chunk, slots});
+    }
+  };
+  for (int64_t prompt = 0; prompt < num_prompts; ++prompt) {
+    const int64_t count = first[prompt + 1] - first[prompt];
+    if (count == 0) continue;
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+      const int64_t offset = (prompt * num_kv_heads + kv_head) * prefix_max * head_dim;
+      add_segments(prefix_k + offset, prefix_v + offset, prefix_lens[prompt], row_id(prompt, kv_head, 0),
+                   count * group, 0);
+    }
+  }
+  for (int64_t i = 0; i < num_samples; ++i) {
+    const int64_t prompt = sample_to_prompt[i];
+    for (int64_t kv_head = 0; kv_head < num_kv_heads; ++kv_head) {
+      const int64_t offset = (i * num_kv_heads + kv_head) * suffix_max * head_dim;
+      add_segments(suffix_k + offset, suffix_v + offset, suffix_lens[i],
+                   row_id(prompt, kv_head, position[i] - first[prompt]), group, prefix_slots);
+    }
+  }
+
+  const Isa isa = active_isa();
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::unique_ptr<Acc[]> scratch(new Acc[scratch_elements<Acc>(head_dim)]);
+    std::unique_ptr<Acc[]> merged(new Acc[head_dim]);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t index = 0; index < num_segments; ++index) {
+      if (isa == Isa::kAvx512)
+        attend_segment_avx512<In, Acc>(segments[index], head_dim, scratch.get());
+      else if (isa == Isa::kAvx2)
+        attend_segment_avx2<In, Acc>(segments[index], head_dim, scratch.get());
+      else
+        attend_segment_baseline<In, Acc>(segments[index], head_dim, scratch.get());
+    }
+
+    // Merge each query row's partials by log-sum-exp; no keys at all gives zeros.
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < num_rows; ++index) {
+      const int64_t i = index / num_q_heads, head = index % num_q_heads, prompt = sample_to_prompt[i];
+      const int64_t row = row_id(prompt, head / group, position[i] - first[prompt]) + head % group;
+      const int64_t used_prefix = (prefix_lens[prompt] + kChunk - 1) / kChunk;
+      const int64_t used_suffix = (suffix_lens[i] + kChunk - 1) / kChunk;
+      Acc maximum = -std::numeric_limits<Acc>::infinity();
+      auto for_each_slot = [&](auto&& visit) {
+        for (int64_t slot = 0; slot < used_prefix; ++slot) visit(slot);
+        for (int64_t slot = prefix_slots; slot < prefix_slots + used_suffix; ++slot) visit(slot);
+      };
+      for_each_slot([&](int64_t slot) { maximum = std::max(maximum, partial_lse[row * slots + slot]); });
+      std::fill(merged.get(), merged.get() + head_dim, Acc(0));
+      Acc total = 0;
+      for_each_slot([&](int64_t slot) {
+        const Acc weight = std::exp(partial_lse[row * slots + slot] - maximum);
+        const Acc* partial = partial_out.get() + (row * slots + slot) * head_dim;
+        total += weight;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) merged[d] += weight * partial[d];
+      });
+      const Acc inverse = total > 0 ? Acc(1) / total : Acc(0);
+      In* destination = out + index * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) destination[d] = narrow<In>(merged[d] * inverse);
+    }
+  }
+}
+
+}  // namespace
+
+void shared_prefix_attention(DType dtype, const void* q, const void* prefix_k, const void* prefix_v,
+                             const int32_t* prefix_lens, const void* suffix_k, const void* suffix_v,
+                             const int32_t* suffix_lens, const int32_t* sample_to_prompt, void* out,
+                             int64_t num_samples, int64_t num_prompts, int64_t num_q_heads, int64_t num_kv_heads,
+                             int64_t head_dim, int64_t prefix_max, int64_t suffix_max, double scale,
+                             int num_threads) {
+  auto run = [&](auto element, auto accumulator) {
+    using In = decltype(element);
+    using Acc = decltype(accumulator);
+    run_attention<In, Acc>(static_cast<const In*>(q), static_cast<const In*>(prefix_k),
+                           static_cast<const In*>(prefix_v), prefix_lens, static_cast<const In*>(suffix_k),
+                           static_cast<const In*>(suffix_v), suffix_lens, sample_to_prompt, static_cast<In*>(out),
+                           num_samples, num_prompts, num_q_heads, num_kv_heads, head_dim, prefix_max, suffix_max,
+                           scale, num_threads);
+  };
+  switch (dtype) {
+    case DType::kFloat32: return run(float{}, float{});
+    case DType::kBFloat16: return run(BFloat16{}, float{});
+    case DType::kFloat16: return run(Half{}, float{});
+    case DType::kFloat64: return run(double{}, double{});
+  }
+}
+
+}  // namespace fastbon::cpu

@@ -1,0 +1,66 @@
+"""The ``cpu`` and ``cuda`` backends: fastbon._C's torch.library ops behind the backend contract.
+
+Importing ``fastbon._C`` registers ``torch.ops.fastbon.*`` (out-variant schemas; CPU kernels, and CUDA kernels when
+built with CUDA). This module registers their fake kernels, so a decode step traces under ``torch.compile``, and
+exposes the three contract functions (see ``fastbon.ops.reference``), which allocate outputs with
+``fastbon.ops._alloc.new_output`` and run the op on the inputs' device.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.fastbon)
+from .ops._alloc import new_output
+
+_ops = torch.ops.fastbon
+
+
+@torch.library.register_fake("fastbon::shared_prefix_attention_out")
+def _(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale, out):
+    return None
+
+
+@torch.library.register_fake("fastbon::sample_out")
+def _(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs):
+    return None
+
+
+@torch.library.register_fake("fastbon::select_topk_out")
+def _(scores, k, values, indices):
+    return None
+
+
+@torch.library.register_fake("fastbon::philox_uniform")
+def _(seed, step):
+    return seed.new_empty(seed.shape, dtype=torch.float32)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
+                            scale):
+    """Backend contract of ``reference.shared_prefix_attention``: out [N, Hq, D] in q's dtype."""
+    out = new_output(q.shape, q.dtype, q.device)
+    _ops.shared_prefix_attention_out(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
+                                     sample_to_prompt, float(scale), out)
+    return out
+
+
+def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step):
+    """Backend contract of ``reference.sample``: tokens int64 [N], logprobs float32 [N]."""
+    num_rows = row_index.shape[0]
+    tokens = new_output((num_rows,), torch.int64, logits.device)
+    logprobs = new_output((num_rows,), torch.float32, logits.device)
+    _ops.sample_out(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs)
+    return tokens, logprobs
+
+
+def select_topk(scores, k):
+    """Backend contract of ``reference.select_topk``: values [B, k] (scores' dtype), indices int64 [B, k]."""
+    values = new_output((scores.shape[0], k), scores.dtype, scores.device)
+    indices = new_output((scores.shape[0], k), torch.int64, scores.device)
+    _ops.select_topk_out(scores, k, values, indices)
+    return values, indices
+
+
+def philox_uniform(seed, step):
+    """The C++ Philox uniform (float32) for int64 tensors seed, step of one shape; tests compare it bit for bit
+    with ``fastbon.ops.philox.philox_uniform``."""
+    return _ops.philox_uniform(seed, step)
