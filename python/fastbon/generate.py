@@ -140,7 +140,7 @@ def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, 
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
     # A prepared 4-D mask makes HF skip its mask construction; the fastbon attention reads lengths instead.
     decode_mask = torch.ones((num_samples, 1, 1, 1), dtype=torch.bool, device=device)
-    steps = 0
+    steps, token = 0, None  # token: the previous step's draw, fed back from step 1 on
     with hf.decode_attention(model):
         for step in range(max_new_tokens):
             if step > 0:

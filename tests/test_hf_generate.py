@@ -1,0 +1,189 @@
+"""fastbon.generate end to end, against Hugging Face itself, for every supported family."""
+
+import fastbon
+import pytest
+import torch
+from fastbon.generate import SYNC_EVERY
+from hf_models import FAMILIES, VOCAB, hf_token_logprobs, tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
+
+
+def _unequal_prompts(padding_side: str):
+    generator = torch.Generator().manual_seed(7)
+    lengths = [5, 11, 2]
+    prompts = [torch.randint(1, VOCAB, (length,), generator=generator) for length in lengths]
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        span = slice(ids.shape[1] - prompt.numel(), None) if padding_side == "left" else slice(0, prompt.numel())
+        ids[row, span], mask[row, span] = prompt, 1
+    return prompts, ids, mask
+
+
+def _check_against_hf(model, prompts, result, n, score="mean_logprob"):
+    for b, prompt in enumerate(prompts):
+        for j in range(n):
+            length = int(result.all_lengths[b, j])
+            completion = result.all_sequences[b, j, :length]
+            expected = hf_token_logprobs(model, prompt, completion)
+            got = result.all_token_logprobs[b, j, :length].double()
+            assert (got - expected).abs().max().item() <= 1e-4
+            assert torch.all(result.all_token_logprobs[b, j, length:] == 0)
+            total = expected.sum().item()
+            rule = total / length if score == "mean_logprob" else total
+            assert abs(result.all_scores[b, j].item() - rule) <= 1e-3
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_logprobs_match_fresh_hf_forward(family, padding_side):
+    model = tiny_model(family)
+    prompts, ids, mask = _unequal_prompts(padding_side)
+    n, k = 3, 2
+    result = fastbon.generate(model, ids, attention_mask=mask, n=n, k=k, max_new_tokens=7, temperature=1.0,
+                              top_p=0.9, seed=3, return_all=True)
+    assert result.sequences.shape == (3, k, 7) and result.all_sequences.shape == (3, n, 7)
+    _check_against_hf(model, prompts, result, n)
+    # The k returned are the best of n by the score, best first, ties to the lower index.
+    expected_scores, expected_index = result.all_scores.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(result.indices, expected_index[:, :k])
+    assert torch.equal(result.scores, expected_scores[:, :k])
+    assert torch.equal(result.sequences, result.all_sequences.gather(1, result.indices[..., None].expand(-1, -1, 7)))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_greedy_equals_hf_greedy(family):
+    model = tiny_model(family)
+    _, ids, mask = _unequal_prompts("left")
+    expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10, pad_token_id=0)
+    result = fastbon.generate(model, ids, attention_mask=mask, n=1, k=1, max_new_tokens=10, temperature=0.0)
+    assert torch.equal(result.sequences[:, 0], expected[:, ids.shape[1]:])
+
+
+def test_sum_logprob_and_callable_scores():
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([9, 3])]
+    result = fastbon.generate(model, prompts, n=4, k=1, max_new_tokens=5, seed=0, score="sum_logprob",
+                              return_all=True)
+    _check_against_hf(model, prompts, result, 4, score="sum_logprob")
+
+    def prefer_token_11(samples):
+        return (samples.sequences == 11).sum(-1).float() - samples.lengths
+
+    chosen = fastbon.generate(model, prompts, n=4, k=2, max_new_tokens=5, seed=0, score=prefer_token_11,
+                              return_all=True)
+    assert torch.equal(chosen.all_sequences, result.all_sequences), "the same seed draws the same samples"
+    expected = prefer_token_11(fastbon.Samples(prompts, chosen.all_sequences, chosen.all_lengths,
+                                               chosen.all_token_logprobs, 0))
+    assert torch.equal(chosen.scores, expected.sort(dim=-1, descending=True, stable=True).values[:, :2])
+
+
+def test_eos_stops_and_pads():
+    model = tiny_model("llama")
+    prompt = torch.tensor([[4, 8, 15, 16]])
+    free = fastbon.generate(model, prompt, n=1, max_new_tokens=8, temperature=0.0)
+    eos = int(free.sequences[0, 0, 2])
+    first = int((free.sequences[0, 0] == eos).nonzero()[0])
+    stopped = fastbon.generate(model, prompt, n=1, max_new_tokens=8, temperature=0.0, eos_token_id=eos)
+    assert stopped.lengths[0, 0].item() == first + 1
+    assert torch.equal(stopped.sequences[0, 0, :first + 1], free.sequences[0, 0, :first + 1])
+    assert torch.all(stopped.sequences[0, 0, first + 1:] == 0) and torch.all(stopped.token_logprobs[0, 0, first + 1:]
+                                                                             == 0)
+    assert stopped.stats["decode_steps"] <= SYNC_EVERY, "stops at the next flag read"
+
+
+def test_prefilled_once_and_stored_once():
+    model = tiny_model("llama")
+    _, ids, mask = _unequal_prompts("left")
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, output: seen.append(args[0].shape))
+    n, steps = 8, 6
+    try:
+        result = fastbon.generate(model, ids, attention_mask=mask, n=n, max_new_tokens=steps, seed=1)
+    finally:
+        hook.remove()
+    assert seen[0] == ids.shape, "one prefill over the B prompts, not B·n"
+    assert all(shape == (ids.shape[0] * n, 1) for shape in seen[1:]) and len(seen) == steps
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_prompt_copy = 2 * config.num_hidden_layers * ids.shape[0] * config.num_key_value_heads * ids.shape[1] * (
+        head_dim * 4)
+    assert result.stats["prefix_kv_bytes"] == per_prompt_copy, "the prompt KV is stored once per prompt"
+
+
+def test_no_host_sync_every_step(monkeypatch):
+    model = tiny_model("llama")
+    syncs = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            syncs.append(1)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    fastbon.generate(model, torch.tensor([[3, 4, 5]]), n=4, max_new_tokens=32, seed=0)
+    monkeypatch.undo()
+    decode_reads = 2 * 32 // SYNC_EVERY
+    assert len(syncs) <= decode_reads + 20, f"{len(syncs)} host reads for 32 steps"
+
+
+def test_reproducible_with_seed():
+    model = tiny_model("qwen2")
+    runs = [fastbon.generate(model, torch.tensor([[3, 4, 5]]), n=5, max_new_tokens=6, seed=s) for s in (11, 11, 12)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    assert not torch.equal(runs[0].sequences, runs[2].sequences)
+
+
+def test_hf_custom_generate_entry():
+    model = tiny_model("llama")
+    _, ids, mask = _unequal_prompts("left")
+    n = 3
+    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=fastbon.hf.generate,
+                         num_return_sequences=n, do_sample=True, top_k=0, max_new_tokens=5, fastbon_seed=4)
+    direct = fastbon.generate(model, ids, attention_mask=mask, n=n, k=n, max_new_tokens=5, top_k=0, seed=4)
+    assert out.shape == (ids.shape[0] * n, ids.shape[1] + 5)
+    assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(n, 0))
+    assert torch.equal(out[:, ids.shape[1]:], direct.sequences.reshape(-1, 5))
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    ids = torch.tensor([[1, 2, 3]])
+    cases = [
+        (dict(n=0), ValueError, "n must"), (dict(n=2, k=3), ValueError, "k must"), (dict(top_p=0.0), ValueError,
+                                                                                     "top_p"),
+        (dict(temperature=-1.0), ValueError, "temperature"), (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(attention_mask=torch.ones(1, 4)), ValueError, "attention_mask"),
+        (dict(score="best"), ValueError, "score"), (dict(n=1.5), TypeError, "n must"),
+        (dict(seed="x"), TypeError, "seed"), (dict(backend="tpu"), ValueError, "backend"),
+    ]
+    for change, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            fastbon.generate(model, **{"input_ids": ids, **change})
+    with pytest.raises(ValueError, match="empty"):
+        fastbon.generate(model, [torch.tensor([1, 2]), torch.tensor([], dtype=torch.int64)])
+    with pytest.raises(ValueError, match="empty"):
+        fastbon.generate(model, ids, attention_mask=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="input_ids"):
+        fastbon.generate(model, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="shape"):
+        fastbon.generate(model, torch.tensor([[1, 2]]), n=2, score=lambda samples: torch.zeros(3))
+    with pytest.raises(ValueError, match="NaN"):
+        fastbon.generate(model, torch.tensor([[1, 2]]), n=2, score=lambda samples: torch.full((1, 2), float("nan")))
+
+
+def test_unsupported_models_fail_before_work():
+    opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                   num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16))
+    with pytest.raises(ValueError, match="'opt'"):
+        fastbon.generate(opt, torch.tensor([[1, 2]]))
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=32,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                sliding_window=8))
+    with pytest.raises(ValueError, match="sliding window"):
+        fastbon.generate(windowed, torch.tensor([[1, 2, 3]]), max_new_tokens=10)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(TypeError, match="model"):
+        fastbon.generate(object(), torch.tensor([[1, 2]]))
+    assert fastbon.generate(gpt2, torch.tensor([[1, 2]]), n=2, max_new_tokens=2).sequences.shape == (1, 1, 2)
