@@ -1,0 +1,243 @@
+"""Triton shared-prefix decode attention (Hydragen / FlashInfer cascade): prefix read once per prompt and step.
+
+Two kernels:
+  1. ``_prefix_partial_kernel`` — for one (query tile, KV head, prefix chunk): every query row of one prompt that
+     reads that KV head (n samples x Hq/Hkv heads) as one [BLOCK_M, D] matrix, multiplied by the chunk's keys
+     with ``tl.dot``; writes a partial (o, lse) per row and chunk. Each prefix byte is read once per query tile
+     (one tile holds all rows of a prompt up to BLOCK_M).
+  2. ``_suffix_merge_kernel`` — per (sample, KV head): attention over the sample's own suffix, then the merge
+     of that state with the prompt's prefix partials by log-sum-exp.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from fastbon.ops._alloc import new_output
+
+from ._launch import interpreted
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """a @ b accumulated in float32. Triton 3.9's interpreter keeps bfloat16 as uint16 bit patterns and
+    multiplies those (``create_dot``), so there bfloat16 operands go up to float32 first: the products are exact
+    either way, as on a GPU's bfloat16 tensor cores."""
+    if INTERPRETED_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _to_output(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """float32 -> the output dtype, rounding to nearest even. Triton 3.9's interpreter truncates float32 ->
+    bfloat16 (and its "rtne" mode drops the carry into the exponent), so there the rounding is done on the bits:
+    add 0x7FFF plus the lowest kept bit, keep the high half (inputs are finite)."""
+    if INTERPRETED_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, head_dim, max_row, row_sum, acc, qk_scale,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  INTERPRETED_BF16: tl.constexpr):
+    """One online-softmax step over keys [key_start, key_start + BLOCK_N) masked to < key_end (log2 domain).
+
+    ``keys_ptr``/``values_ptr`` point at key 0 of a [keys, head_dim] slab. p = 2^(s - m) is used for P.V in the
+    values' dtype when that is 16-bit, split into a high and a low 16-bit part so the product keeps ~16
+    mantissa bits (two tensor-core dots instead of float32 FMAs); float32 values use IEEE dots.
+    """
+    keys_index = key_start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_mask = keys_index < key_end
+    dim_mask = dims < head_dim
+    offsets = keys_index.to(tl.int64)[:, None] * head_dim + dims[None, :]
+    keys = tl.load(keys_ptr + offsets, mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+    values = tl.load(values_ptr + offsets, mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
+    scores = _dot(q, tl.trans(keys), DOT_PRECISION, INTERPRETED_BF16) * qk_scale
+    scores = tl.where(key_mask[None, :], scores, float("-inf"))
+    new_max = tl.maximum(max_row, tl.max(scores, axis=1))  # finite: every block holds at least one key
+    rescale = tl.exp2(max_row - new_max)
+    probs = tl.exp2(scores - new_max[:, None])
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    if values.dtype == tl.float32:
+        weighted = _dot(probs, values, DOT_PRECISION, INTERPRETED_BF16)
+    else:
+        probs_high = probs.to(values.dtype)
+        probs_low = (probs - probs_high.to(tl.float32)).to(values.dtype)
+        weighted = (_dot(probs_high, values, DOT_PRECISION, INTERPRETED_BF16)
+                    + _dot(probs_low, values, DOT_PRECISION, INTERPRETED_BF16))
+    return new_max, row_sum, acc * rescale[:, None] + weighted
+
+
+@triton.jit
+def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, sample_order_ptr, prompt_first_ptr,
+                           prompt_counts_ptr, tile_prompt_ptr, tile_first_ptr, partial_o_ptr, partial_lse_ptr,
+                           qk_scale, num_prompts, num_samples, num_q_heads, num_kv_heads, prefix_max, head_dim,
+                           chunk_len, group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """Partial attention of a prompt's query rows over one prefix chunk.
+
+    Row r of prompt b's matrix (0 <= r < count_b * group) is query head kv_head * group + r % group of the sample
+    at position first_b + r // group of the samples sorted by prompt. With s = (q . k) * scale * log2(e):
+
+        lse_c = log2 sum_{k in chunk} 2^s_k,    o_c = sum_{k in chunk} 2^(s_k - lse_c) v_k
+
+    stored for chunks that hold keys (chunk start < prefix_len_b); the merge kernel reads only those. Tiles past
+    the last prompt (the grid is an upper bound, no host sync) have no rows and store nothing.
+    """
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    chunk = tl.program_id(2)
+    prompt = tl.load(tile_prompt_ptr + tile)
+    real_prompt = prompt < num_prompts
+    prompt = tl.minimum(prompt, num_prompts - 1)
+    prefix_len = tl.where(real_prompt, tl.load(prefix_lens_ptr + prompt), 0)
+    key_start = chunk * chunk_len
+    # A chunk past the prompt's prefix has no rows to store: the merge kernel never reads it.
+    row_count = tl.where(real_prompt & (key_start < prefix_len), tl.load(prompt_counts_ptr + prompt), 0) * group
+    key_end = tl.minimum(key_start + chunk_len, prefix_len)
+
+    rows = (tile - tl.load(tile_first_ptr + prompt)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < row_count
+    sample = tl.load(sample_order_ptr + tl.load(prompt_first_ptr + prompt) + rows // group, mask=row_valid, other=0)
+    q_row = sample.to(tl.int64) * num_q_heads + kv_head * group + rows % group
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + q_row[:, None] * head_dim + dims[None, :],
+                mask=row_valid[:, None] & (dims < head_dim)[None, :], other=0.0)
+
+    slab = (prompt.to(tl.int64) * num_kv_heads + kv_head) * prefix_max * head_dim
+    max_row = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(key_start, key_end, BLOCK_N):
+        max_row, row_sum, acc = _attend_block(q, prefix_k_ptr + slab, prefix_v_ptr + slab, start, key_end, head_dim,
+                                              max_row, row_sum, acc, qk_scale, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                                              INTERPRETED_BF16)
+
+    partial_row = chunk.to(tl.int64) * num_samples * num_q_heads + q_row
+    safe_sum = tl.where(row_valid, row_sum, 1.0)
+    tl.store(partial_lse_ptr + partial_row, max_row + tl.log2(safe_sum), mask=row_valid)
+    tl.store(partial_o_ptr + partial_row[:, None] * head_dim + dims[None, :], acc / safe_sum[:, None],
+             mask=row_valid[:, None] & (dims < head_dim)[None, :])
+
+
+@triton.jit
+def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, prefix_lens_ptr, sample_to_prompt_ptr,
+                         partial_o_ptr, partial_lse_ptr, out_ptr, qk_scale, num_samples, num_q_heads, num_kv_heads,
+                         suffix_max, head_dim, chunk_len, group, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """For sample i and the `group` query heads of one KV head: online softmax over suffix[i][:S_i], then merge
+    with each prefix chunk c of its prompt holding keys:
+
+        m' = max(m, lse_c),  acc' = 2^(m - m') acc + 2^(lse_c - m') o_c,  l' = 2^(m - m') l + 2^(lse_c - m')
+
+    out = acc / l, or 0 when the query saw no key (l = 0). Rows pad to BLOCK_G >= 16 for ``tl.dot``.
+    """
+    sample = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    heads = tl.arange(0, BLOCK_G)
+    head_valid = heads < group
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < head_dim
+    q_row = sample.to(tl.int64) * num_q_heads + kv_head * group + heads
+    q = tl.load(q_ptr + q_row[:, None] * head_dim + dims[None, :], mask=head_valid[:, None] & dim_valid[None, :],
+                other=0.0)
+
+    suffix_len = tl.load(suffix_lens_ptr + sample)
+    slab = (sample.to(tl.int64) * num_kv_heads + kv_head) * suffix_max * head_dim
+    max_row = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, suffix_len, BLOCK_N):
+        max_row, row_sum, acc = _attend_block(q, suffix_k_ptr + slab, suffix_v_ptr + slab, start, suffix_len,
+                                              head_dim, max_row, row_sum, acc, qk_scale, BLOCK_N, BLOCK_D,
+                                              DOT_PRECISION, INTERPRETED_BF16)
+
+    prefix_len = tl.load(prefix_lens_ptr + tl.load(sample_to_prompt_ptr + sample))
+    for chunk in range(0, tl.cdiv(prefix_len, chunk_len)):
+        partial_row = q_row + chunk * (num_samples * num_q_heads)  # < 2^31: num_chunks <= 528 by _plan
+        chunk_lse = tl.load(partial_lse_ptr + partial_row, mask=head_valid, other=0.0)
+        chunk_o = tl.load(partial_o_ptr + partial_row[:, None] * head_dim + dims[None, :],
+                          mask=head_valid[:, None] & dim_valid[None, :], other=0.0)
+        new_max = tl.maximum(max_row, chunk_lse)
+        rescale = tl.exp2(max_row - new_max)
+        weight = tl.exp2(chunk_lse - new_max)
+        acc = acc * rescale[:, None] + weight[:, None] * chunk_o
+        row_sum = row_sum * rescale + weight
+        max_row = new_max
+
+    out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out = _to_output(out, out_ptr.dtype.element_ty, INTERPRETED_BF16)
+    tl.store(out_ptr + q_row[:, None] * head_dim + dims[None, :], out, mask=head_valid[:, None] & dim_valid[None, :])
+
+
+def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, interpreter):
+    """(BLOCK_M, BLOCK_N, query tiles upper bound, prefix chunk length, number of chunks) from host-known sizes.
+
+    BLOCK_M fits the average prompt's rows (16..64: tl.dot's minimum, and a register budget). The prefix is split
+    into chunks until (tiles x KV heads x chunks) reaches a few programs per SM (fewer in the interpreter, which
+    runs programs in turn, but still several chunks so the merge path is exercised). The tile count
+    sum_b cdiv(rows_b, BLOCK_M) <= (N * group + B * (BLOCK_M - 1)) // BLOCK_M bounds the grid without reading
+    the per-prompt counts back to the host.
+    """
+    block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_samples, num_prompts) * group)))
+    block_n = 128 if interpreter else 64
+    tiles = (num_samples * group + num_prompts * (block_m - 1)) // block_m
+    target_programs = 16 if interpreter else 528  # 4 per SM of an H100
+    key_blocks = triton.cdiv(prefix_max, block_n)
+    num_chunks = min(key_blocks, max(1, triton.cdiv(target_programs, tiles * num_kv_heads)))
+    chunk_len = triton.cdiv(key_blocks, max(1, num_chunks)) * block_n
+    return block_m, block_n, tiles, chunk_len, triton.cdiv(prefix_max, chunk_len)
+
+
+def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
+                            scale):
+    """Backend contract (validated, contiguous): q [N, Hq, D]; prefix_k/v [B, Hkv, P_max, D]; prefix_lens int32
+    [B]; suffix_k/v [N, Hkv, T_max, D]; suffix_lens int32 [N]; sample_to_prompt int32 [N] (any mapping); scale a
+    float. Returns [N, Hq, D] in q's dtype. float16/bfloat16/float32 only: the kernels accumulate in float32."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton' (float32 accumulation), "
+                        f"got {str(q.dtype).removeprefix('torch.')}; use backend='torch' for float64")
+    num_samples, num_q_heads, head_dim = q.shape
+    num_prompts, num_kv_heads, prefix_max, _ = prefix_k.shape
+    group = num_q_heads // num_kv_heads
+    out = new_output(q.shape, q.dtype, q.device)
+    if num_samples == 0:
+        return out
+    block_m, block_n, tiles, chunk_len, num_chunks = _plan(num_samples, num_prompts, num_kv_heads, group,
+                                                           prefix_max, interpreted(q))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit products are exact in fp32 anyway
+    upcast_bf16 = interpreted(q) and q.dtype == torch.bfloat16
+    qk_scale = scale * math.log2(math.e)
+    partial_o = torch.empty((num_chunks, num_samples, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty((num_chunks, num_samples, num_q_heads), dtype=torch.float32, device=q.device)
+
+    if num_chunks:
+        # Samples grouped by prompt (stable, so a prompt's samples keep their order) and each prompt's query
+        # tiles, all on the device: no host sync, so the step can be captured in a CUDA graph.
+        prompts = sample_to_prompt.long()
+        sample_order = torch.argsort(prompts, stable=True).to(torch.int32)
+        counts = torch.zeros(num_prompts, dtype=torch.int64, device=q.device).index_add_(
+            0, prompts, torch.ones_like(prompts))
+        prompt_first = torch.cumsum(counts, 0) - counts
+        tiles_per_prompt = (counts * group + block_m - 1) // block_m
+        tile_end = torch.cumsum(tiles_per_prompt, 0)
+        tile_prompt = torch.searchsorted(tile_end, torch.arange(tiles, device=q.device), right=True)
+        _prefix_partial_kernel[(tiles, num_kv_heads, num_chunks)](
+            q, prefix_k, prefix_v, prefix_lens, sample_order, prompt_first, counts, tile_prompt,
+            tile_end - tiles_per_prompt, partial_o, partial_lse, qk_scale, num_prompts, num_samples, num_q_heads,
+            num_kv_heads, prefix_max, head_dim, chunk_len, group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, num_warps=4)
+
+    _suffix_merge_kernel[(num_samples, num_kv_heads)](
+        q, suffix_k, suffix_v, suffix_lens, prefix_lens, sample_to_prompt, partial_o, partial_lse, out, qk_scale,
+        num_samples, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, max(chunk_len, 1), group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n if interpreted(q) else 32, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, num_warps=4)
+    return out
