@@ -1,0 +1,80 @@
+"""``fastbon run | demo | bench``: best-of-n from the command line."""
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _sampling_arguments(parser):
+    parser.add_argument("-n", type=int, default=16, help="samples per prompt")
+    parser.add_argument("-k", type=int, default=1, help="how many of the n to print, best first")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(model_dir, device):
+    """(model, tokenizer, description): a local HF folder, or the embedded default model."""
+    if model_dir is None:
+        from .models import load_default_model
+
+        model, tokenizer = load_default_model(device=device)
+        return model, tokenizer, "the embedded default model (fastbon.models, trained by fastbon.models.train_default)"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), model_dir
+
+
+def run(args) -> int:
+    from .generate import generate
+
+    model, tokenizer, description = _load(args.model, args.device)
+    prompt = args.prompt if args.prompt is not None else "123+456="
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
+    start = time.perf_counter()
+    result = generate(model, input_ids, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                      seed=args.seed, return_all=True)
+    elapsed = time.perf_counter() - start
+    generated = int(result.all_lengths.sum())
+    print(f"model: {description}")
+    print(f"prompt: {prompt!r}  (best {args.k} of n={args.n}, score = mean log-probability)")
+    for rank in range(args.k):
+        length = int(result.lengths[0, rank])
+        text = tokenizer.decode(result.sequences[0, rank, :length], skip_special_tokens=True)
+        print(f"#{rank + 1}  score {result.scores[0, rank].item():+.4f}  {length} tokens  {text!r}")
+    print(f"{generated} tokens in {elapsed:.2f} s = {generated / elapsed:.1f} tokens/s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastbon", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="best-of-n on one prompt")
+    run_parser.add_argument("--model", default=None, help="a local Hugging Face model folder (default: embedded)")
+    run_parser.add_argument("--prompt", default=None)
+    _sampling_arguments(run_parser)
+    run_parser.set_defaults(handler=run)
+    bench_parser = commands.add_parser("bench", add_help=False,
+                                       help="best-of-n vs HF generate over a grid (fastbon bench --help)")
+    bench_parser.set_defaults(handler=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
