@@ -57,9 +57,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         scale = 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return attention_implementation(device, backend)(q.contiguous(), prefix_k.contiguous(), prefix_v.contiguous(), prefix_lens.contiguous(),
-                          suffix_k.contiguous(), suffix_v.contiguous(), suffix_lens.contiguous(),
-                          sample_to_prompt.contiguous(), float(scale))
+    tensors = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt)
+    return attention_implementation(device, backend)(*(t.contiguous() for t in tensors), float(scale))
 
 
 def attention_implementation(device: torch.device, backend: str | None = None):
