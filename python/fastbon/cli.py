@@ -63,14 +63,18 @@ def main(argv=None) -> int:
     run_parser.add_argument("--prompt", default=None)
     _sampling_arguments(run_parser)
     run_parser.set_defaults(handler=run)
-    bench_parser = commands.add_parser("bench", add_help=False,
-                                       help="best-of-n vs HF generate over a grid (fastbon bench --help)")
-    bench_parser.set_defaults(handler=None)
+    # bench and demo parse their own options (fastbon bench --help, fastbon demo --help).
+    commands.add_parser("bench", add_help=False, help="best-of-n vs HF generate over a grid, CSV + plot")
+    commands.add_parser("demo", add_help=False, help="accuracy vs n on the embedded model, table + plot")
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from .bench import main as bench_main
 
         return bench_main(rest)
+    if args.command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)

@@ -1,5 +1,11 @@
-"""How samples are ranked: score rules over finished samples, checked before they pick the best k."""
+"""How samples are ranked: score rules over finished samples, checked before they pick the best k.
 
+Built-in rules are "mean_logprob" and "sum_logprob"; ``verifier``, ``reward_model`` and ``majority`` build
+callables for ``fastbon.generate(score=...)`` from a checker, a reward model, or an answer extractor.
+"""
+
+import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,11 +28,24 @@ class Samples:
     lengths: torch.Tensor
     token_logprobs: torch.Tensor
     pad_token_id: int
+    sample_ids: torch.Tensor | None = None  # [B, m]: which of the n samples each row is, while some are pruned
 
     def completions(self) -> list:
         """Each sample's generated ids as a list of 1-D tensors per prompt, padding removed."""
         return [[row[:length] for row, length in zip(rows, lengths.tolist(), strict=True)]
                 for rows, lengths in zip(self.sequences, self.lengths, strict=True)]
+
+
+    def mean_logprobs(self) -> torch.Tensor:
+        """Mean raw log-probability per sample [B, n] (float32)."""
+        return self.token_logprobs.sum(-1, dtype=torch.float32) / self.lengths.clamp(min=1).to(torch.float32)
+
+    def texts(self, tokenizer) -> list:
+        """Each sample's completion decoded without special tokens: B lists of n strings."""
+        return [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in self.completions()]
+
+    def prompt_texts(self, tokenizer) -> list:
+        return tokenizer.batch_decode(self.prompts, skip_special_tokens=True)
 
 
 def check_score(score) -> None:
@@ -38,11 +57,10 @@ def check_score(score) -> None:
 
 def compute_scores(score: str | Callable, samples: Samples) -> torch.Tensor:
     """Scores [B, n] float32 (higher is better) under ``score``; a callable's output is checked here."""
-    sums = samples.token_logprobs.sum(-1, dtype=torch.float32)
     if score == "sum_logprob":
-        return sums
+        return samples.token_logprobs.sum(-1, dtype=torch.float32)
     if score == "mean_logprob":
-        return sums / samples.lengths.clamp(min=1).to(torch.float32)
+        return samples.mean_logprobs()
     values = score(samples)
     expected = tuple(samples.lengths.shape)
     if not isinstance(values, torch.Tensor):
@@ -53,3 +71,94 @@ def compute_scores(score: str | Callable, samples: Samples) -> torch.Tensor:
     if torch.isnan(values).any():
         raise ValueError("the score callable returned NaN")
     return values
+
+
+def _with_logprob_tiebreak(values: torch.Tensor, samples: Samples) -> torch.Tensor:
+    """``values`` plus a tie-break below 1e-6 that prefers the more probable sample (exp of the mean
+    log-probability lies in (0, 1]), so equal verdicts or votes rank by the model's own confidence."""
+    return values.to(torch.float32) + 1e-6 * torch.exp(samples.mean_logprobs())
+
+
+def verifier(check: Callable, tokenizer) -> Callable:
+    """A score from a checker on decoded texts: the "compiler or unit test as oracle".
+
+    ``check(prompt_texts, completion_texts)`` gets two lists of equal length (every sample of every prompt,
+    batched) and returns one bool or float per sample; higher is better, ties go to the more probable sample.
+    """
+
+    def score(samples: Samples) -> torch.Tensor:
+        prompts, texts = samples.prompt_texts(tokenizer), samples.texts(tokenizer)
+        flat_prompts = [prompt for prompt, row in zip(prompts, texts, strict=True) for _ in row]
+        flat_texts = [text for row in texts for text in row]
+        verdicts = list(check(flat_prompts, flat_texts))
+        if len(verdicts) != len(flat_texts):
+            raise ValueError(f"the verifier must return one value per sample ({len(flat_texts)}), got {len(verdicts)}")
+        values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32).view(samples.lengths.shape)
+        if not torch.isfinite(values).all():
+            raise ValueError("the verifier returned NaN or infinite values")
+        return _with_logprob_tiebreak(values.to(samples.lengths.device), samples)
+
+    return score
+
+
+def reward_model(model, batch_size: int = 32) -> Callable:
+    """A score from a reward model run on the device in batches over prompt + completion ids.
+
+    ``model``: a Hugging Face sequence-classification model sharing the generator's tokenizer (its first logit
+    is the reward), or any callable taking (input_ids [R, L], attention_mask [R, L]) and returning [R] rewards.
+    """
+
+    def rewards(input_ids, attention_mask):
+        if hasattr(model, "config") and hasattr(model, "forward"):
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        return model(input_ids, attention_mask)
+
+    def score(samples: Samples) -> torch.Tensor:
+        sequences = [torch.cat([prompt.to(completion.device), completion])
+                     for prompt, row in zip(samples.prompts, samples.completions(), strict=True) for completion in row]
+        device = samples.sequences.device
+        values = []
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            width = max(sequence.numel() for sequence in batch)
+            ids = torch.full((len(batch), width), samples.pad_token_id, dtype=torch.int64, device=device)
+            mask = torch.zeros((len(batch), width), dtype=torch.int64, device=device)
+            for row, sequence in enumerate(batch):  # left padding: the last position is every row's last token
+                ids[row, width - sequence.numel():] = sequence
+                mask[row, width - sequence.numel():] = 1
+            values.append(torch.as_tensor(rewards(ids, mask)).reshape(-1).float())
+        values = torch.cat(values)
+        if values.numel() != len(sequences):
+            raise ValueError(f"the reward model must return one value per sample ({len(sequences)}), "
+                             f"got {values.numel()}")
+        return values.view(samples.lengths.shape)
+
+    return score
+
+
+def majority(extract: Callable, tokenizer, weighted: bool = False) -> Callable:
+    """Self-consistency: each sample scores the share of its prompt's votes that its answer got.
+
+    ``extract(completion_text)`` returns the answer (hashable) or None (no vote, score 0). With ``weighted``,
+    a vote counts the sample's probability, exp(sum of log-probs), normalised over the prompt's samples.
+    Ties go to the more probable sample.
+    """
+
+    def score(samples: Samples) -> torch.Tensor:
+        texts = samples.texts(tokenizer)
+        weights = torch.softmax(samples.token_logprobs.sum(-1, dtype=torch.float64), dim=-1) if weighted else (
+            torch.ones(samples.lengths.shape, dtype=torch.float64))
+        values = torch.zeros(samples.lengths.shape, dtype=torch.float32)
+        for prompt, row in enumerate(texts):
+            answers = [extract(text) for text in row]
+            votes = Counter()
+            for answer, weight in zip(answers, weights[prompt].tolist(), strict=True):
+                if answer is not None:
+                    votes[answer] += weight
+            total = sum(votes.values())
+            for j, answer in enumerate(answers):
+                if answer is not None and total > 0 and math.isfinite(total):
+                    values[prompt, j] = votes[answer] / total
+        return _with_logprob_tiebreak(values.to(samples.lengths.device), samples)
+
+    return score
