@@ -13,7 +13,13 @@ from fastbon.ops._alloc import new_output
 
 from ._launch import interpreted
 
-ONE_BITS = 0x3F800000  # float32 1.0: every probability p = exp(s - max s) lies in [0, 1]
+# Globals a @triton.jit body reads must be constexpr (the GPU compiler rejects plain ints; the interpreter does not).
+ONE_BITS = tl.constexpr(0x3F800000)  # float32 1.0: every probability p = exp(s - max s) lies in [0, 1]
+ROUND_A = tl.constexpr(philox.PHILOX_ROUND_A)
+ROUND_B = tl.constexpr(philox.PHILOX_ROUND_B)
+KEY_A = tl.constexpr(philox.PHILOX_KEY_A)
+KEY_B = tl.constexpr(philox.PHILOX_KEY_B)
+ROUNDS = tl.constexpr(philox.PHILOX_ROUNDS)
 
 
 @triton.jit
@@ -29,16 +35,16 @@ def _philox_uniform(seed, step):
     c1 = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = tl.zeros_like(c0)
     c3 = tl.zeros_like(c0)
-    round_a = tl.zeros_like(c0) + philox.PHILOX_ROUND_A
-    round_b = tl.zeros_like(c0) + philox.PHILOX_ROUND_B
-    for _ in tl.static_range(philox.PHILOX_ROUNDS):
+    round_a = tl.zeros_like(c0) + ROUND_A
+    round_b = tl.zeros_like(c0) + ROUND_B
+    for _ in tl.static_range(ROUNDS):
         high_b = tl.umulhi(round_b, c2)
         low_b = round_b * c2
         high_a = tl.umulhi(round_a, c0)
         low_a = round_a * c0
         c0, c1, c2, c3 = high_b ^ c1 ^ key0, low_b, high_a ^ c3 ^ key1, low_a
-        key0 = key0 + philox.PHILOX_KEY_A
-        key1 = key1 + philox.PHILOX_KEY_B
+        key0 = key0 + KEY_A
+        key1 = key1 + KEY_B
     return (c0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24: exact
 
 
@@ -71,8 +77,7 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     * top-p threshold t_p: the largest t >= t_k with sum{p : p >= t} >= top_p * sum{p : p >= t_k}, by the same
       bisection on [bits(t_k), bits(1.0)];
     * t = max(t_k, t_p, min_p); kept = {p >= t, p > 0}; K = sum of kept p;
-    * token = first j in vocabulary order with cumsum(kept p)_j > u * K, u = Philox uniform (seed, step); the
-      scan stops at the tile where every row has drawn;
+    * token = first j in vocabulary order with cumsum(kept p)_j > u * K, u = Philox uniform (seed, step);
     * logprob = x_token - lse.
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -102,7 +107,7 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     top_k = tl.load(top_k_ptr + rows, mask=rows_valid, other=0)
     lo = tl.zeros([BLOCK_R], tl.int32)
     hi = tl.full([BLOCK_R], ONE_BITS + 1, tl.int32)
-    count_lo = tl.full([BLOCK_R], vocab, tl.int32)
+    count_lo = tl.zeros([BLOCK_R], tl.int32) + vocab
     searching = sampling & (top_k > 0) & (top_k < vocab)
     top_k_active = searching
     while tl.max(searching.to(tl.int32)) > 0:
@@ -155,12 +160,11 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     seed = tl.load(seed_ptr + rows, mask=rows_valid, other=0)
     step = tl.load(step_ptr + rows, mask=rows_valid, other=0)
     draw_target = _philox_uniform(seed, step) * kept_mass
-    token = tl.full([BLOCK_R], vocab, tl.int32)  # vocab = not drawn yet
+    token = tl.zeros([BLOCK_R], tl.int32) + vocab  # vocab = not drawn yet
     last_kept = tl.zeros([BLOCK_R], tl.int32)
     cumulative = tl.zeros([BLOCK_R], tl.float32)
     drawing = sampling
-    start = 0
-    while (start < vocab) & (tl.max(drawing.to(tl.int32)) > 0):
+    for start in range(0, vocab, BLOCK_V):  # rows that have drawn mask their loads off: no traffic after the draw
         probs, columns = _probs(logits_ptr, row_offsets, drawing, start, vocab, temperature, scaled_max, BLOCK_V)
         kept = tl.where((probs >= threshold[:, None]) & (probs > 0), probs, 0.0)
         running = cumulative[:, None] + tl.cumsum(kept, axis=1)
@@ -169,7 +173,6 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
         last_kept = tl.maximum(last_kept, tl.max(tl.where(kept > 0, columns[None, :], 0), axis=1))
         cumulative += tl.sum(kept, axis=1)
         drawing = drawing & (token == vocab)
-        start += BLOCK_V
     # Rounding can leave u * K at or above the scanned cumulative mass: the draw is then the last kept token.
     token = tl.where(token == vocab, last_kept, token)
     token = tl.where(greedy, argmax, token)
