@@ -191,7 +191,9 @@ def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, interpreter
     target_programs = 16 if interpreter else 528  # 4 per SM of an H100
     key_blocks = triton.cdiv(prefix_max, block_n)
     num_chunks = min(key_blocks, max(1, triton.cdiv(target_programs, tiles * num_kv_heads)))
-    chunk_len = triton.cdiv(key_blocks, max(1, num_chunks)) * block_n
+    if num_chunks == 0:  # no prefix storage (P_max = 0): only the suffix kernel runs
+        return block_m, block_n, tiles, block_n, 0
+    chunk_len = triton.cdiv(key_blocks, num_chunks) * block_n
     return block_m, block_n, tiles, chunk_len, triton.cdiv(prefix_max, chunk_len)
 
 
@@ -237,7 +239,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
 
     _suffix_merge_kernel[(num_samples, num_kv_heads)](
         q, suffix_k, suffix_v, suffix_lens, prefix_lens, sample_to_prompt, partial_o, partial_lse, out, qk_scale,
-        num_samples, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, max(chunk_len, 1), group,
+        num_samples, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, chunk_len, group,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n if interpreted(q) else 32, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, num_warps=4)
     return out
