@@ -187,3 +187,30 @@ def test_unsupported_models_fail_before_work():
     with pytest.raises(TypeError, match="model"):
         fastbon.generate(object(), torch.tensor([[1, 2]]))
     assert fastbon.generate(gpt2, torch.tensor([[1, 2]]), n=2, max_new_tokens=2).sequences.shape == (1, 1, 2)
+
+
+def test_pruning_keeps_the_oracle_best_and_saves_work():
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
+    n, steps = 8, 12
+    full = fastbon.generate(model, prompts, n=n, k=1, max_new_tokens=steps, seed=5, return_all=True)
+
+    def exact_final_score(samples):
+        """The partial score is exact: the final score of the sample each row will become."""
+        return full.all_scores.gather(1, samples.sample_ids)
+
+    pruned = fastbon.generate(model, prompts, n=n, k=1, max_new_tokens=steps, seed=5, return_all=True,
+                              prune=fastbon.Pruning(every=4, keep=0.5, score=exact_final_score))
+    assert torch.equal(pruned.indices, full.indices), "the oracle's best sample survives every checkpoint"
+    assert torch.equal(pruned.sequences, full.sequences)
+    torch.testing.assert_close(pruned.scores, full.scores)
+    # 16 rows for 4 steps, 8 for 4, 4 for 4 instead of 16 for 12; pruned samples are unfinished, scored -inf.
+    assert pruned.stats["tokens_generated"] == 16 * 4 + 8 * 4 + 4 * 4
+    assert pruned.stats["pruned"] == 12
+    assert (pruned.all_scores == float("-inf")).sum().item() == 12
+    survivors = pruned.all_scores > float("-inf")
+    assert torch.equal(pruned.all_sequences[survivors], full.all_sequences[survivors]), "seeds are per sample"
+    with pytest.raises(ValueError, match="keep"):
+        fastbon.generate(model, prompts, prune=fastbon.Pruning(keep=0.0))
+    with pytest.raises(TypeError, match="prune"):
+        fastbon.generate(model, prompts, prune=0.5)

@@ -4,7 +4,7 @@ from . import ops
 from .cache import SharedPrefixCache
 from .dispatch import backends
 from .generate import GenerationResult, generate
-from .scoring import Samples
+from .scoring import Pruning, Samples
 
 __version__ = "0.1.0"
-__all__ = ["GenerationResult", "Samples", "SharedPrefixCache", "backends", "generate", "ops"]
+__all__ = ["GenerationResult", "Pruning", "Samples", "SharedPrefixCache", "backends", "generate", "ops"]

@@ -1,5 +1,6 @@
 """Best-of-n decoding: prefill each prompt once, fork n samples over a shared prefix, decode, score, select."""
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -9,7 +10,7 @@ from . import hf
 from .cache import SharedPrefixCache
 from .ops.sampling import sample_implementation, sampling_params
 from .ops.topk import select_topk
-from .scoring import Samples, check_score, compute_scores
+from .scoring import Pruning, Samples, check_score, compute_scores
 
 # The host reads the "all finished" and "NaN seen" flags once per this many steps, never every step.
 SYNC_EVERY = 8
@@ -21,7 +22,8 @@ class GenerationResult:
 
     sequences [B, k, T] generated ids only, padded with the pad id; lengths [B, k]; scores [B, k];
     token_logprobs [B, k, T] raw model log-probabilities (0 on padding); ``indices`` [B, k] which of the n
-    samples each is. ``stats`` holds what the run did: tokens prefilled, KV bytes, decode steps.
+    samples each is. ``stats`` holds what the run did: tokens prefilled, KV bytes, decode steps, tokens
+    generated (all rows of all steps, pruned rows included until they left) and samples pruned.
     """
 
     sequences: torch.Tensor
@@ -111,11 +113,52 @@ def _special_ids(model, eos_token_id):
     return eos_ids, int(pad_token_id)
 
 
-def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, pad_token_id, backend, stats):
+class _Batch:
+    """The rows still decoding: per-row state that shrinks together when pruning drops samples.
+
+    ``sample_ids`` maps each row to its sample (prompt-major, so a prompt's rows stay adjacent and each prompt
+    keeps the same number of rows); the result buffers are indexed by it and never shrink.
+    """
+
+    def __init__(self, sample_ids, next_position, params):
+        self.sample_ids, self.next_position, self.params = sample_ids, next_position, params
+        self.finished = torch.zeros_like(sample_ids, dtype=torch.bool)
+        self.token = None  # the previous step's draw, fed back from step 1 on
+        self._refresh()
+
+    def _refresh(self):
+        rows = self.sample_ids.shape[0]
+        self.rows = torch.arange(rows, device=self.sample_ids.device)
+        # A prepared 4-D mask makes HF skip its mask construction; the fastbon attention reads lengths instead.
+        self.decode_mask = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=self.sample_ids.device)
+
+    def select(self, rows):
+        self.sample_ids, self.next_position = self.sample_ids[rows], self.next_position[rows]
+        self.finished, self.token, self.params = self.finished[rows], self.token[rows], self.params.select(rows)
+        self._refresh()
+
+
+def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: int, stats) -> None:
+    """Keep the best ``prune.keep`` of each prompt's rows by the partial score; the rest leave the batch."""
+    per_prompt = batch.sample_ids.shape[0] // num_prompts
+    keep = max(prune.min_keep, math.ceil(per_prompt * prune.keep))
+    if keep >= per_prompt:
+        return
+    partial = compute_scores(prune.score, samples_so_far(batch.sample_ids))
+    _, best = select_topk(partial, keep)
+    rows = (best.sort(dim=-1).values + torch.arange(num_prompts, device=best.device)[:, None] * per_prompt).flatten()
+    batch.select(rows)
+    cache.select_samples(rows)
+    stats["pruned"] = stats.get("pruned", 0) + (per_prompt - keep) * num_prompts
+
+
+def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, pad_token_id, backend, prune,
+            stats):
     """Prefill once, then sample n continuations per prompt in lockstep. Returns tokens [N, T], token
-    log-probabilities [N, T] and lengths [N] with N = B·n, samples of one prompt adjacent."""
+    log-probabilities [N, T], lengths [N] and a pruned flag [N], with N = B·n, samples of one prompt adjacent."""
     device = prompt_ids.device
-    num_samples = prompt_ids.shape[0] * n
+    num_prompts = prompt_ids.shape[0]
+    num_samples = num_prompts * n
     cache_argument = hf.cache_argument(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
 
@@ -130,48 +173,58 @@ def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, 
     sample = sample_implementation(device, backend)
 
     row_index = cache.sample_to_prompt.long()  # step 0 samples every sample of a prompt from the prompt's row
-    next_position = cache.prefix_lens.long()[row_index]
-    every_row = torch.arange(num_samples, device=device)
+    batch = _Batch(torch.arange(num_samples, device=device), cache.prefix_lens.long()[row_index], params)
     tokens = torch.full((num_samples, max_new_tokens), pad_token_id, dtype=torch.int64, device=device)
     logprobs = torch.zeros((num_samples, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(num_samples, dtype=torch.int64, device=device)
-    finished = torch.zeros(num_samples, dtype=torch.bool, device=device)
     not_finite = torch.zeros((), dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-    # A prepared 4-D mask makes HF skip its mask construction; the fastbon attention reads lengths instead.
-    decode_mask = torch.ones((num_samples, 1, 1, 1), dtype=torch.bool, device=device)
-    steps, token = 0, None  # token: the previous step's draw, fed back from step 1 on
+
+    prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+
+    def samples_so_far(sample_ids):
+        ids = sample_ids.view(num_prompts, -1)
+        return Samples(prompts=prompts, sequences=tokens[ids, :steps], lengths=lengths[ids],
+                       token_logprobs=logprobs[ids, :steps], pad_token_id=pad_token_id, sample_ids=ids % n)
+
+    steps, tokens_generated = 0, 0
     with hf.decode_attention(model):
         for step in range(max_new_tokens):
             if step > 0:
-                logits = model(input_ids=token[:, None], position_ids=next_position[:, None],
-                               attention_mask=decode_mask, use_cache=True,
+                logits = model(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
+                               attention_mask=batch.decode_mask, use_cache=True,
                                **{cache_argument: cache, hf.CACHE_KWARG: cache}, **extra).logits[:, -1]
                 cache.advance()
-                next_position = next_position + 1
-                row_index = every_row
-            step_index = torch.full((num_samples,), step, dtype=torch.int64, device=device)
-            token, token_logprob = sample(logits.contiguous(), row_index, params.temperature, params.top_k,
-                                          params.top_p, params.min_p, params.seed, step_index)
-            live = ~finished
-            tokens[:, step] = torch.where(live, token, pad_token_id)
-            logprobs[:, step] = torch.where(live, token_logprob, 0.0)
-            lengths += live
+                batch.next_position = batch.next_position + 1
+                row_index = batch.rows
+            step_index = torch.full_like(batch.sample_ids, step)
+            params = batch.params
+            batch.token, token_logprob = sample(logits.contiguous(), row_index, params.temperature, params.top_k,
+                                                params.top_p, params.min_p, params.seed, step_index)
+            live = ~batch.finished
+            tokens[batch.sample_ids, step] = torch.where(live, batch.token, pad_token_id)
+            logprobs[batch.sample_ids, step] = torch.where(live, token_logprob, 0.0)
+            lengths[batch.sample_ids] += live
             not_finite |= (live & ~torch.isfinite(token_logprob)).any()
             if eos.numel():
-                finished |= torch.isin(token, eos)
-            steps = step + 1
+                batch.finished |= torch.isin(batch.token, eos)
+            steps, tokens_generated = step + 1, tokens_generated + batch.sample_ids.shape[0]
             if steps % SYNC_EVERY == 0 or steps == max_new_tokens:
                 if bool(not_finite):
                     raise FloatingPointError("the model produced NaN or infinite logits during decoding")
-                if bool(finished.all()):
+                if bool(batch.finished.all()):
                     break
-    stats["decode_steps"] = steps
-    return tokens[:, :steps], logprobs[:, :steps], lengths
+            if prune is not None and steps % prune.every == 0 and steps < max_new_tokens:
+                _prune(prune, batch, cache, samples_so_far, num_prompts, stats)
+    stats["decode_steps"], stats["tokens_generated"] = steps, tokens_generated
+    pruned = torch.ones(num_samples, dtype=torch.bool, device=device)
+    pruned[batch.sample_ids] = False
+    return tokens[:, :steps], logprobs[:, :steps], lengths, pruned
 
 
 def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-             eos_token_id=None, score="mean_logprob", seed=None, attention_mask=None, return_all=False, backend=None):
+             eos_token_id=None, score="mean_logprob", seed=None, attention_mask=None, return_all=False, prune=None,
+             backend=None):
     """Best-of-n sampling from a Hugging Face causal LM with one shared KV cache per prompt.
 
     Args:
@@ -186,6 +239,8 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
             returning [B, n] scores (higher is better).
         seed: an int makes the run reproducible; None draws the per-sample seeds from torch's generator.
         return_all: also return all n samples with their scores.
+        prune: a ``fastbon.Pruning`` to drop each prompt's weakest partial samples at checkpoints (they leave
+            the batch, so later steps cost less; they come back unfinished, with score -inf).
         backend: force one backend for every op (see ``fastbon.backends()``).
 
     Returns:
@@ -197,6 +252,10 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
         raise ValueError(f"k must be <= n, got k={k} > n={n}")
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     check_score(score)
+    if prune is not None:
+        if not isinstance(prune, Pruning):
+            raise TypeError(f"prune must be a fastbon.Pruning or None, got {type(prune).__name__}")
+        prune.check()
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not isinstance(return_all, bool):
@@ -213,12 +272,13 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
                              min_p=min_p, seed=row_seeds.to(device))
     stats = {}
     with torch.no_grad():
-        tokens, logprobs, lengths = _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids,
-                                            pad_token_id, backend, stats)
+        tokens, logprobs, lengths, pruned = _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params,
+                                                    eos_ids, pad_token_id, backend, prune, stats)
         samples = Samples(prompts=[ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)],
                           sequences=tokens.view(num_prompts, n, -1), lengths=lengths.view(num_prompts, n),
                           token_logprobs=logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
-        scores = compute_scores(score, samples)
+        # A pruned sample is unfinished: it ranks below every sample that ran to the end.
+        scores = compute_scores(score, samples).masked_fill(pruned.view(num_prompts, n), float("-inf"))
         best_scores, best = select_topk(scores, k, backend=backend)
 
         def pick(values):

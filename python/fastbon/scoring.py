@@ -48,6 +48,30 @@ class Samples:
         return tokenizer.batch_decode(self.prompts, skip_special_tokens=True)
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """Early pruning (speculative rejection, Sun et al. 2024) for ``fastbon.generate(prune=...)``.
+
+    After every ``every`` decode steps, each prompt keeps the best ``keep`` fraction (at least ``min_keep``) of
+    its samples still in the batch, ranked by ``score`` on the partial samples ("mean_logprob", "sum_logprob" or
+    a callable on ``Samples``, whose ``sample_ids`` say which of the n each row is); the others leave the batch.
+    """
+
+    every: int = 16
+    keep: float = 0.5
+    min_keep: int = 1
+    score: str | Callable = "mean_logprob"
+
+    def check(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Pruning.every must be an int >= 1, got {self.every!r}")
+        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"Pruning.keep must lie in (0, 1], got {self.keep!r}")
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise ValueError(f"Pruning.min_keep must be an int >= 1, got {self.min_keep!r}")
+        check_score(self.score)
+
+
 def check_score(score) -> None:
     if callable(score):
         return
