@@ -214,3 +214,17 @@ def test_pruning_keeps_the_oracle_best_and_saves_work():
         fastbon.generate(model, prompts, prune=fastbon.Pruning(keep=0.0))
     with pytest.raises(TypeError, match="prune"):
         fastbon.generate(model, prompts, prune=0.5)
+
+
+def test_every_backend_end_to_end(backend_device):
+    """The HF re-scoring check with every op on one backend (Triton runs in its interpreter on CPU)."""
+    backend, device = backend_device
+    model = tiny_model("llama").to(device)
+    prompts, ids, mask = _unequal_prompts("left")
+    result = fastbon.generate(model, ids.to(device), attention_mask=mask.to(device), n=3, k=2, max_new_tokens=5,
+                              top_p=0.9, top_k=20, seed=2, return_all=True, backend=backend)
+    model = model.cpu()
+    cpu_result = fastbon.GenerationResult(*(getattr(result, name).cpu() if isinstance(getattr(result, name),
+                                                                                       torch.Tensor) else
+                                            getattr(result, name) for name in result.__dataclass_fields__))
+    _check_against_hf(model, prompts, cpu_result, 3)
