@@ -216,3 +216,7 @@ def main(argv=None) -> int:
     print(summary_table(rows))
     print(f"wrote {args.out}/e2e.csv" + (f" and {args.out}/e2e.png" if plotted else ""))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
