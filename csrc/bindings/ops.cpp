@@ -7,12 +7,31 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "../common/philox.h"
 #include "../cpu/cpu_ops.h"
 #include "checks.h"
 
 namespace fastbon {
 namespace {
+
+// The kernels' OpenMP teams take torch's thread count (torch.set_num_threads), passed explicitly.
+int op_threads() { return at::get_num_threads(); }
+
+int openmp_team_size() {
+  int size = 1;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(op_threads())
+  {
+#pragma omp master
+    size = omp_get_num_threads();
+  }
+#endif
+  return size;
+}
 
 void shared_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                  const at::Tensor& prefix_lens, const at::Tensor& suffix_k,
@@ -25,7 +44,7 @@ void shared_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& prefix_k
                                prefix_lens.data_ptr<int32_t>(), suffix_k.data_ptr(), suffix_v.data_ptr(),
                                suffix_lens.data_ptr<int32_t>(), sample_to_prompt.data_ptr<int32_t>(),
                                out.data_ptr(), q.size(0), prefix_k.size(0), q.size(1), prefix_k.size(1), q.size(2),
-                               prefix_k.size(2), suffix_k.size(2), scale, at::get_num_threads());
+                               prefix_k.size(2), suffix_k.size(2), scale, op_threads());
 }
 
 void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& temperature,
@@ -36,13 +55,13 @@ void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at:
               logits.data_ptr(), logits.size(1), row_index.data_ptr<int64_t>(), temperature.data_ptr<float>(),
               top_k.data_ptr<int32_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(), seed.data_ptr<int64_t>(),
               step.data_ptr<int64_t>(), row_index.size(0), tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
-              at::get_num_threads());
+              op_threads());
 }
 
 void select_topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   check_topk_arguments(scores, k, values, indices);
   cpu::select_topk(dtype_of(scores, {DType::kFloat32, DType::kFloat64}), scores.data_ptr(), scores.size(0),
-                   scores.size(1), k, values.data_ptr(), indices.data_ptr<int64_t>(), at::get_num_threads());
+                   scores.size(1), k, values.data_ptr(), indices.data_ptr<int64_t>(), op_threads());
 }
 
 at::Tensor philox_uniform_cpu(const at::Tensor& seed, const at::Tensor& step) {
@@ -86,6 +105,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #else
   module.attr("built_with_cuda") = false;
 #endif
+  module.def("openmp_team_size", &fastbon::openmp_team_size,
+             "Threads an OpenMP region of the CPU kernels runs with (follows torch.set_num_threads).");
   module.def("cpu_isa", [] {
     static const char* names[] = {"baseline", "avx2", "avx512"};
     return std::string(names[static_cast<int>(fastbon::cpu::active_isa())]);

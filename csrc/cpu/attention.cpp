@@ -18,21 +18,24 @@
 namespace fastbon::cpu {
 namespace {
 
-constexpr int64_t kChunk = 256;     // keys per item: the chunk's K^T and V (2 x 64 KiB at D=64) stay in L2
-constexpr int64_t kRowBlock = 96;   // query rows per GEMM pass, bounds the score scratch
-constexpr int64_t kMaxColumns = 32;  // widest register-tile column count (elements); scratch pads to it
+constexpr int64_t kChunk = 256;      // keys per item: the chunk's K and V (2 x 64 KiB at D=64) stay in L2
+constexpr int64_t kRowBlock = 128;   // query rows per GEMM pass (a multiple of every tile width)
+constexpr int64_t kMaxColumns = 64;  // widest register-tile column count (elements); scratch pads to it
+constexpr int64_t kGemmRows = 4;     // items with fewer query rows take the matrix-vector path
+static_assert(kRowBlock % kMaxColumns == 0, "a row block pads to whole register tiles");
 
 FASTBON_INLINE int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// c[Rows, Cols] = a[Rows, depth] · b[depth, Cols], the accumulators held in registers.
+// c[Rows, Cols] = A[Rows, depth] · b[depth, Cols] with A(r, i) = a[r * a_row + i * a_inner], the accumulators in
+// registers (Rows x Cols / vector width of them).
 template <typename Acc, int Rows, int Cols>
-FASTBON_INLINE void gemm_tile(int64_t depth, const Acc* a, int64_t lda, const Acc* b, int64_t ldb, Acc* c,
-                              int64_t ldc) {
+FASTBON_INLINE void gemm_tile(int64_t depth, const Acc* a, int64_t a_row, int64_t a_inner, const Acc* b, int64_t ldb,
+                              Acc* c, int64_t ldc) {
   Acc acc[Rows][Cols] = {};
   for (int64_t inner = 0; inner < depth; ++inner) {
     const Acc* b_row = b + inner * ldb;
     for (int r = 0; r < Rows; ++r) {
-      const Acc a_value = a[r * lda + inner];
+      const Acc a_value = a[r * a_row + inner * a_inner];
 #pragma omp simd
       for (int col = 0; col < Cols; ++col) acc[r][col] += a_value * b_row[col];
     }
@@ -43,17 +46,30 @@ FASTBON_INLINE void gemm_tile(int64_t depth, const Acc* a, int64_t lda, const Ac
   }
 }
 
-// c[rows, columns] = a[rows, depth] · b[depth, columns]; columns is a multiple of Cols.
+// The last rows - (rows % Rows) rows with one tile of the exact height.
 template <typename Acc, int Rows, int Cols>
-FASTBON_INLINE void gemm(int64_t rows, int64_t columns, int64_t depth, const Acc* a, int64_t lda, const Acc* b,
-                         int64_t ldb, Acc* c, int64_t ldc) {
-  int64_t row = 0;
-  for (; row + Rows <= rows; row += Rows)
-    for (int64_t col = 0; col < columns; col += Cols)
-      gemm_tile<Acc, Rows, Cols>(depth, a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc);
-  for (; row < rows; ++row)
-    for (int64_t col = 0; col < columns; col += Cols)
-      gemm_tile<Acc, 1, Cols>(depth, a + row * lda, lda, b + col, ldb, c + row * ldc + col, ldc);
+FASTBON_INLINE void gemm_rest(int64_t rows, int64_t depth, const Acc* a, int64_t a_row, int64_t a_inner, const Acc* b,
+                              int64_t ldb, Acc* c, int64_t ldc) {
+  if constexpr (Rows > 0) {
+    if (rows == Rows)
+      gemm_tile<Acc, Rows, Cols>(depth, a, a_row, a_inner, b, ldb, c, ldc);
+    else
+      gemm_rest<Acc, Rows - 1, Cols>(rows, depth, a, a_row, a_inner, b, ldb, c, ldc);
+  }
+}
+
+// c[rows, columns] = A[rows, depth] · b[depth, columns]; columns is a multiple of Cols. Column blocks outermost:
+// b's block stays in L1 while A streams.
+template <typename Acc, int Rows, int Cols>
+FASTBON_INLINE void gemm(int64_t rows, int64_t columns, int64_t depth, const Acc* a, int64_t a_row, int64_t a_inner,
+                         const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
+  for (int64_t col = 0; col < columns; col += Cols) {
+    int64_t row = 0;
+    for (; row + Rows <= rows; row += Rows)
+      gemm_tile<Acc, Rows, Cols>(depth, a + row * a_row, a_row, a_inner, b + col, ldb, c + row * ldc + col, ldc);
+    gemm_rest<Acc, Rows - 1, Cols>(rows - row, depth, a + row * a_row, a_row, a_inner, b + col, ldb,
+                                   c + row * ldc + col, ldc);
+  }
 }
 
 // One work item: `rows` query rows (scaled, contiguous) against `length` <= kChunk keys/values.
@@ -73,75 +89,126 @@ struct Segment {
 template <typename Acc>
 int64_t scratch_elements(int64_t head_dim) {
   const int64_t padded_dim = round_up(head_dim, kMaxColumns);
-  return head_dim * kChunk + kChunk * padded_dim + kRowBlock * kChunk + kRowBlock * padded_dim;
+  return kChunk * head_dim + kChunk * padded_dim + head_dim * kRowBlock + kChunk * kRowBlock +
+         kRowBlock * padded_dim + 2 * kRowBlock;
 }
 
+// Few rows (a sample's suffix): per row, dot products with each key, softmax, then a weighted sum of values.
+template <typename In, typename Acc>
+FASTBON_INLINE void attend_rows(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  Acc* scores = scratch;  // [rows, length]
+  Acc* accumulator = scores + kGemmRows * kChunk;  // [head_dim]
+  for (int64_t r = 0; r < segment.rows; ++r) {
+    const Acc* query = segment.queries + r * head_dim;
+    Acc* row = scores + r * kChunk;
+    Acc maximum = -std::numeric_limits<Acc>::infinity();
+    for (int64_t key = 0; key < segment.length; ++key) {
+      const In* key_row = segment.keys + key * head_dim;
+      Acc dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < head_dim; ++d) dot += query[d] * to_float(key_row[d]);
+      row[key] = dot;
+      maximum = std::max(maximum, dot);
+    }
+    Acc sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t key = 0; key < segment.length; ++key) {
+      const Acc p = exp_nonpositive(row[key] - maximum);
+      row[key] = p;
+      sum += p;
+    }
+    std::fill(accumulator, accumulator + head_dim, Acc(0));
+    for (int64_t key = 0; key < segment.length; ++key) {
+      const In* value_row = segment.values + key * head_dim;
+      const Acc p = row[key];
+#pragma omp simd
+      for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += p * to_float(value_row[d]);
+    }
+    Acc* destination = segment.out + r * segment.out_stride;
+    const Acc inverse = Acc(1) / sum;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) destination[d] = accumulator[d] * inverse;
+    segment.lse[r * segment.lse_stride] = maximum + std::log(sum);
+  }
+}
+
+// Many rows (a prompt's queries against a prefix chunk): S^T = K · Q^T and O = P · V as two register-tiled GEMMs,
+// the softmax running down S^T's columns. K is read in its own layout; only the small Q block is transposed.
 template <typename In, typename Acc, int Rows, int Cols>
 FASTBON_INLINE void attend_segment(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
+  if (segment.rows < kGemmRows) return attend_rows(segment, head_dim, scratch);
   const int64_t padded_dim = round_up(head_dim, Cols);
-  const int64_t padded_length = round_up(segment.length, Cols);
-  Acc* keys_t = scratch;                                   // [head_dim, padded_length]
-  Acc* values = keys_t + head_dim * kChunk;                // [length, padded_dim]
-  Acc* scores = values + kChunk * round_up(head_dim, kMaxColumns);  // [kRowBlock, padded_length]
-  Acc* outputs = scores + kRowBlock * kChunk;              // [kRowBlock, padded_dim]
+  const int64_t length = segment.length;
+  Acc* keys = scratch;                                                  // [length, head_dim]
+  Acc* values = keys + kChunk * head_dim;                               // [length, padded_dim]
+  Acc* queries_t = values + kChunk * round_up(head_dim, kMaxColumns);   // [head_dim, padded_rows]
+  Acc* scores_t = queries_t + head_dim * kRowBlock;                     // [length, padded_rows]
+  Acc* outputs = scores_t + kChunk * kRowBlock;                         // [rows, padded_dim]
+  Acc* column_max = outputs + kRowBlock * round_up(head_dim, kMaxColumns);
+  Acc* column_sum = column_max + kRowBlock;
 
-  for (int64_t key = 0; key < segment.length; ++key)
-    for (int64_t d = 0; d < head_dim; ++d) keys_t[d * padded_length + key] = to_float(segment.keys[key * head_dim + d]);
-  for (int64_t d = 0; d < head_dim; ++d)
-    for (int64_t key = segment.length; key < padded_length; ++key) keys_t[d * padded_length + key] = 0;
-
+  const Acc* key_rows = keys;
   const Acc* value_rows = values;
   int64_t value_stride = padded_dim;
-  if constexpr (std::is_same_v<In, Acc>) {
-    if (padded_dim == head_dim) {  // already float and tile-aligned: read the values in place
+  if constexpr (std::is_same_v<In, Acc>) {  // float inputs are read in place
+    key_rows = segment.keys;
+    if (padded_dim == head_dim) {
       value_rows = segment.values;
       value_stride = head_dim;
     }
+  } else {
+#pragma omp simd
+    for (int64_t index = 0; index < length * head_dim; ++index) keys[index] = to_float(segment.keys[index]);
   }
   if (value_rows == values) {
-    for (int64_t key = 0; key < segment.length; ++key) {
+    for (int64_t key = 0; key < length; ++key) {
 #pragma omp simd
       for (int64_t d = 0; d < head_dim; ++d) values[key * padded_dim + d] = to_float(segment.values[key * head_dim + d]);
       for (int64_t d = head_dim; d < padded_dim; ++d) values[key * padded_dim + d] = 0;
     }
   }
 
-  Acc row_max[kRowBlock], row_sum[kRowBlock];
   for (int64_t first_row = 0; first_row < segment.rows; first_row += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, segment.rows - first_row);
-    gemm<Acc, Rows, Cols>(rows, padded_length, head_dim, segment.queries + first_row * head_dim, head_dim, keys_t,
-                          padded_length, scores, padded_length);
-    for (int64_t r = 0; r < rows; ++r) {
-      Acc* row = scores + r * padded_length;
-      Acc maximum = -std::numeric_limits<Acc>::infinity();
-#pragma omp simd reduction(max : maximum)
-      for (int64_t key = 0; key < segment.length; ++key) maximum = row[key] > maximum ? row[key] : maximum;
-      Acc sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t key = 0; key < segment.length; ++key) {
-        const Acc p = exp_nonpositive(row[key] - maximum);
-        row[key] = p;
-        sum += p;
-      }
-      row_max[r] = maximum;
-      row_sum[r] = sum;
+    const int64_t padded_rows = round_up(rows, Cols);
+    for (int64_t d = 0; d < head_dim; ++d) {
+      for (int64_t r = 0; r < rows; ++r) queries_t[d * padded_rows + r] = segment.queries[(first_row + r) * head_dim + d];
+      for (int64_t r = rows; r < padded_rows; ++r) queries_t[d * padded_rows + r] = 0;
     }
-    gemm<Acc, Rows, Cols>(rows, padded_dim, segment.length, scores, padded_length, value_rows, value_stride, outputs,
+    gemm<Acc, Rows, Cols>(length, padded_rows, head_dim, key_rows, head_dim, 1, queries_t, padded_rows, scores_t,
+                          padded_rows);
+    std::fill(column_max, column_max + padded_rows, -std::numeric_limits<Acc>::infinity());
+    std::fill(column_sum, column_sum + padded_rows, Acc(0));
+    for (int64_t key = 0; key < length; ++key) {
+      const Acc* score_row = scores_t + key * padded_rows;
+#pragma omp simd
+      for (int64_t r = 0; r < padded_rows; ++r) column_max[r] = std::max(column_max[r], score_row[r]);
+    }
+    for (int64_t key = 0; key < length; ++key) {
+      Acc* score_row = scores_t + key * padded_rows;
+#pragma omp simd
+      for (int64_t r = 0; r < padded_rows; ++r) {
+        const Acc p = exp_nonpositive(score_row[r] - column_max[r]);
+        score_row[r] = p;
+        column_sum[r] += p;
+      }
+    }
+    gemm<Acc, Rows, Cols>(rows, padded_dim, length, scores_t, 1, padded_rows, value_rows, value_stride, outputs,
                           padded_dim);
     for (int64_t r = 0; r < rows; ++r) {
-      const Acc inverse = Acc(1) / row_sum[r];
+      const Acc inverse = Acc(1) / column_sum[r];
       Acc* destination = segment.out + (first_row + r) * segment.out_stride;
 #pragma omp simd
       for (int64_t d = 0; d < head_dim; ++d) destination[d] = outputs[r * padded_dim + d] * inverse;
-      segment.lse[(first_row + r) * segment.lse_stride] = row_max[r] + std::log(row_sum[r]);
+      segment.lse[(first_row + r) * segment.lse_stride] = column_max[r] + std::log(column_sum[r]);
     }
   }
 }
 
-// The same body compiled for three instruction sets; register tiles of 6 rows x two vectors.
+// The same body compiled for three instruction sets; register tiles of 6 rows x four (AVX-512) or two vectors.
 template <typename In, typename Acc>
 FASTBON_TARGET_AVX512 void attend_segment_avx512(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
-  attend_segment<In, Acc, 6, 128 / sizeof(Acc)>(segment, head_dim, scratch);
+  attend_segment<In, Acc, 6, 256 / sizeof(Acc)>(segment, head_dim, scratch);
 }
 template <typename In, typename Acc>
 FASTBON_TARGET_AVX2 void attend_segment_avx2(const Segment<In, Acc>& segment, int64_t head_dim, Acc* scratch) {
