@@ -1,0 +1,219 @@
+"""``fastbon demo``: spending more samples at run time makes the embedded model better.
+
+On the default model that ships inside fastbon (a tiny Llama trained from scratch by
+``fastbon.models.train_default`` to add numbers), for each n, one ``fastbon.generate`` call draws n samples per
+problem; the SAME samples are then ranked by four rules, and each rule's pick is checked exactly:
+
+- first sample: sample 0, what n = 1 would give (the control: it must not improve with n);
+- mean log-prob: the sample the model itself finds most probable per token;
+- majority vote: the most common answer (self-consistency);
+- verifier: the exact checker ``fastbon.models.arithmetic.check`` (= pass@n, the ceiling of best-of-n).
+
+The same prompts at the same n also go through Hugging Face ``generate(num_return_sequences=n)`` so the table
+can show fastbon's speedup measured in the same run. Writes demo.csv and demo.png to ``--out``.
+"""
+
+import argparse
+import csv
+import os
+import sys
+import time
+
+import torch
+
+from .generate import generate
+from .models import load_default_model
+from .models.arithmetic import check, extract_answer, make_problems
+from .models.train_default import MAX_DIGITS, MAX_NEW_TOKENS, MIN_DIGITS
+from .ops.topk import select_topk
+from .scoring import Samples, compute_scores, majority, verifier
+
+FULL_NS = (1, 2, 4, 8, 16, 32, 64)
+QUICK_NS = (1, 4, 16)
+FULL_PROBLEMS, QUICK_PROBLEMS = 200, 24
+# Problems come from their own seed, away from the training stream (seed 0) and its held-out set (12345).
+DEFAULT_SEED = 2024
+RULES = ("first_sample", "mean_logprob", "majority", "verifier")
+RULE_LABELS = {"first_sample": "first sample", "mean_logprob": "mean log-prob", "majority": "majority vote",
+               "verifier": "verifier (pass@n)"}
+CSV_FIELDS = ["n", "problems", *RULES, "generated_tokens", "fastbon_s", "fastbon_tokens_per_s", "hf_s", "speedup"]
+
+
+def rule_scores(tokenizer) -> dict:
+    """Each rule as a fastbon score (a built-in name or a callable(Samples) -> [B, n]); the pick is the best."""
+
+    def first_sample(samples):
+        # Decreasing in the sample index, so sample 0 always wins: n samples, scored as if only one was drawn.
+        return -torch.arange(samples.lengths.shape[1], dtype=torch.float32).expand(samples.lengths.shape)
+
+    def check_all(prompts, texts):
+        return [check(prompt, text) for prompt, text in zip(prompts, texts, strict=True)]
+
+    return {"first_sample": first_sample, "mean_logprob": "mean_logprob",
+            "majority": majority(extract_answer, tokenizer), "verifier": verifier(check_all, tokenizer)}
+
+
+def _synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_fastbon(model, prompt_ids, n, seed):
+    """(GenerationResult with all n samples, seconds)."""
+    device = model.get_output_embeddings().weight.device
+    _synchronize(device)
+    start = time.perf_counter()
+    result = generate(model, prompt_ids, n=n, k=1, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_k=0,
+                      return_all=True, seed=seed)
+    _synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def run_hf(model, batch, n, seed, pad_token_id) -> float:
+    """Seconds HF generate takes for the same prompts, n and token limit (top_k=0: HF would default to 50)."""
+    torch.manual_seed(seed)
+    _synchronize(batch["input_ids"].device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+                       temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=MAX_NEW_TOKENS,
+                       pad_token_id=pad_token_id)
+    _synchronize(batch["input_ids"].device)
+    return time.perf_counter() - start
+
+
+def accuracies(result, prompt_ids, prompt_texts, tokenizer, pad_token_id) -> dict:
+    """Accuracy of each rule's pick, all rules re-scoring the same n samples per prompt."""
+    samples = Samples(prompts=prompt_ids, sequences=result.all_sequences, lengths=result.all_lengths,
+                      token_logprobs=result.all_token_logprobs, pad_token_id=pad_token_id)
+    texts = samples.texts(tokenizer)
+    correct = torch.tensor([[check(prompt, text) for text in row] for prompt, row in zip(prompt_texts, texts,
+                                                                                           strict=True)])
+    scores = {}
+    for rule, score in rule_scores(tokenizer).items():
+        _, picks = select_topk(compute_scores(score, samples).cpu(), 1)  # the selection generate itself uses
+        scores[rule] = correct.gather(1, picks).float().mean().item()
+    return scores
+
+
+def run_demo(model, tokenizer, problems, ns, seed, time_hf=True, progress=True) -> list:
+    device = model.get_output_embeddings().weight.device
+    pad_token_id = tokenizer.pad_token_id
+    prompt_texts = [prompt for prompt, _ in problems]
+    prompt_ids = [torch.tensor(ids, device=device) for ids in tokenizer(prompt_texts)["input_ids"]]
+    # HF needs one padded batch; the tokenizer pads on the left, as decoder-only generation requires.
+    batch = tokenizer(prompt_texts, padding=True, return_tensors="pt").to(device)
+    # Warm both sides up on a small call so the first row does not pay one-time costs (thread pools, lazy setup).
+    run_fastbon(model, prompt_ids[:2], 2, seed)
+    if time_hf:
+        run_hf(model, {key: value[:2] for key, value in batch.items()}, 2, seed, pad_token_id)
+    if progress:
+        from tqdm import tqdm
+
+        ns = tqdm(ns, desc="best-of-n demo", unit="n", leave=False)
+    rows = []
+    for n in ns:
+        result, fastbon_s = run_fastbon(model, prompt_ids, n, seed)
+        generated = int(result.all_lengths.sum())
+        row = dict(n=n, problems=len(problems), **accuracies(result, prompt_ids, prompt_texts, tokenizer,
+                                                             pad_token_id),
+                   generated_tokens=generated, fastbon_s=fastbon_s, fastbon_tokens_per_s=generated / fastbon_s)
+        if time_hf:
+            row["hf_s"] = run_hf(model, batch, n, seed, pad_token_id)
+            row["speedup"] = row["hf_s"] / fastbon_s
+        rows.append(row)
+    return rows
+
+
+def table(rows) -> str:
+    header = (f"{'n':>3} {'first':>6} {'mean-lp':>7} {'majority':>8} {'verifier':>8} {'tokens':>7} "
+              f"{'fastbon s':>9} {'tok/s':>8} {'HF s':>7} {'speedup':>7}")
+    lines = [header]
+    for row in rows:
+        lines.append(f"{row['n']:>3} {row['first_sample']:>6.3f} {row['mean_logprob']:>7.3f} "
+                     f"{row['majority']:>8.3f} {row['verifier']:>8.3f} {row['generated_tokens']:>7} "
+                     f"{row['fastbon_s']:>9.3f} {row['fastbon_tokens_per_s']:>8.0f} "
+                     f"{row.get('hf_s', float('nan')):>7.3f} {row.get('speedup', float('nan')):>6.2f}x")
+    return "\n".join(lines)
+
+
+def write_csv(rows, path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in row.items()})
+
+
+def plot(rows, path, title) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the demo also runs in CI and over ssh, without a display
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    ns = [row["n"] for row in rows]
+    for rule in RULES:
+        axis.plot(ns, [row[rule] for row in rows], marker="o", label=RULE_LABELS[rule])
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ns, [str(n) for n in ns])
+    axis.set_ylim(0, 1.02)
+    axis.set_xlabel("samples per problem n")
+    axis.set_ylabel("accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastbon demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_PROBLEMS} problems, n in {QUICK_NS} (under a minute on a CPU; what CI runs)")
+    parser.add_argument("--problems", type=int, default=None,
+                        help=f"how many addition problems (default {FULL_PROBLEMS}, {QUICK_PROBLEMS} with --quick)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the problems and the sampling")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate timing")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    # One CPU thread by default: the model's matrices are too small to split, and on a shared machine a second
+    # OpenMP thread that gets descheduled stalls every op by a time slice (we saw 0.04 s runs take 0.3-3 s).
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (default 1)")
+    parser.add_argument("--out", default="benchmarks/out", help="folder for demo.csv and demo.png")
+    args = parser.parse_args(argv)
+    count = args.problems if args.problems is not None else (QUICK_PROBLEMS if args.quick else FULL_PROBLEMS)
+    if count < 1:
+        parser.error(f"--problems must be >= 1, got {count}")
+    ns = QUICK_NS if args.quick else FULL_NS
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _demo(args, count, ns)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller (a test session, say) keeps its own setting
+
+
+def _demo(args, count, ns) -> int:
+    model, tokenizer = load_default_model(device=args.device)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    problems = make_problems(count, args.seed, MIN_DIGITS, MAX_DIGITS)
+    print(f"model: the embedded default model (fastbon.models.load_default_model): fastbon's own "
+          f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_default to add "
+          "numbers (no download)")
+    print(f"task:  {count} addition problems, operands of {MIN_DIGITS}-{MAX_DIGITS} digits (seed {args.seed}); "
+          f"sampling at temperature 1, top_k=0, up to {MAX_NEW_TOKENS} new tokens, on {args.device} "
+          f"({args.threads} CPU thread{'s' if args.threads > 1 else ''})")
+    print("       one fastbon.generate call per n; every rule re-ranks the SAME samples; accuracy = exact check")
+    started = time.perf_counter()
+    # A progress bar only where someone watches: in a log its carriage returns would run into the table.
+    rows = run_demo(model, tokenizer, problems, ns, args.seed, time_hf=not args.no_hf, progress=sys.stderr.isatty())
+    print(table(rows))
+    print("first = sample 0 only; verifier = pass@n; tok/s = fastbon generated tokens per second; "
+          "speedup = HF generate(num_return_sequences=n) time / fastbon time, same prompts, n and token limit")
+    os.makedirs(args.out, exist_ok=True)
+    csv_path, png_path = os.path.join(args.out, "demo.csv"), os.path.join(args.out, "demo.png")
+    write_csv(rows, csv_path)
+    plot(rows, png_path, f"fastbon best-of-n on its embedded addition model ({count} problems)")
+    print(f"wrote {csv_path} and {png_path} ({time.perf_counter() - started:.1f} s)")
+    return 0
