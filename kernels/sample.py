@@ -49,8 +49,10 @@ def _philox_uniform(seed, step):
 
 
 @triton.jit
-def _load_logits(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V: tl.constexpr):
-    """One [BLOCK_R, BLOCK_V] tile of raw logits in float32 (-inf outside the rows/vocabulary) and its columns."""
+def _load_tile(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V: tl.constexpr):
+    """One [BLOCK_R, BLOCK_V] tile of raw logits in float32 (-inf outside the rows/vocabulary) and its columns.
+    Probabilities are then p = exp(x / T - max(x) / T), written as the reference writes them: max(x / T) is
+    max(x) / T exactly."""
     columns = start + tl.arange(0, BLOCK_V)
     mask = rows_valid[:, None] & (columns < vocab)[None, :]
     logits = tl.load(logits_ptr + row_offsets[:, None] + columns[None, :], mask=mask, other=float("-inf"))
@@ -58,10 +60,34 @@ def _load_logits(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V: tl.
 
 
 @triton.jit
-def _probs(logits_ptr, row_offsets, rows_valid, start, vocab, temperature, scaled_max, BLOCK_V: tl.constexpr):
-    """p = exp(x / T - max(x) / T), written as the reference writes it (max(x / T) == max(x) / T exactly)."""
-    logits, columns = _load_logits(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
-    return tl.exp(logits / temperature[:, None] - scaled_max[:, None]), columns
+def _pass_at(logits_ptr, row_offsets, rows_valid, vocab, temperature, scaled_max, pivot, BLOCK_R: tl.constexpr,
+             BLOCK_V: tl.constexpr):
+    """One pass over the rows: #{p >= pivot}, sum{p >= pivot}, min{p >= pivot} and max{p < pivot} (1 and -1
+    when empty; columns past the vocabulary read p = 0, which never changes a max below a positive pivot)."""
+    count = tl.zeros([BLOCK_R], tl.int32)
+    mass = tl.zeros([BLOCK_R], tl.float32)
+    above = tl.full([BLOCK_R], 1.0, tl.float32)
+    below = tl.full([BLOCK_R], -1.0, tl.float32)
+    for start in range(0, vocab, BLOCK_V):
+        logits, _ = _load_tile(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
+        probs = tl.exp(logits / temperature[:, None] - scaled_max[:, None])
+        at_or_above = probs >= pivot[:, None]
+        count += tl.sum(at_or_above.to(tl.int32), axis=1)
+        mass += tl.sum(tl.where(at_or_above, probs, 0.0), axis=1)
+        above = tl.minimum(above, tl.min(tl.where(at_or_above, probs, 1.0), axis=1))
+        below = tl.maximum(below, tl.max(tl.where(at_or_above, -1.0, probs), axis=1))
+    return count, mass, above, below
+
+
+@triton.jit
+def _narrow(searching, enough, lo, hi, above, below):
+    """A bisection step on the threshold's bits, snapped to the data: the predicate holds at the pivot (enough)
+    -> it holds up to the smallest p at or above it, so lo = bits(that p); else it fails down to just above the
+    largest p below it, so hi = bits(that p) + 1. The interval only ever holds p values, and ends as [t, t + 1)
+    with t the exact threshold."""
+    lo = tl.where(searching & enough, above.to(tl.int32, bitcast=True), lo)
+    hi = tl.where(searching & ~enough, below.to(tl.int32, bitcast=True) + 1, hi)
+    return lo, hi
 
 
 @triton.jit
@@ -72,8 +98,9 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     * lse = logsumexp(x) and the first argmax (online over tiles, one pass); greedy rows (T = 0) stop there;
     * top-k threshold t_k: the k-th largest p = the largest float t with #{p >= t} >= k. That predicate is
       monotone in t and non-negative floats order like their int32 bits, so bisection on the bits in
-      [0, bits(1.0)] ends on an exact p value within 30 passes; it stops early once #{p >= lo} == k (the set
-      {p >= lo} is then exactly the top-k set, which is all a threshold is used for);
+      [0, bits(1.0)] (snapped to p values each pass, ``_narrow``) ends on the exact p value within 30 passes,
+      about log2(#distinct p) in practice; it stops early once #{p >= lo} == k (the set {p >= lo} is then
+      exactly the top-k set, which is all a threshold is used for);
     * top-p threshold t_p: the largest t >= t_k with sum{p : p >= t} >= top_p * sum{p : p >= t_k}, by the same
       bisection on [bits(t_k), bits(1.0)];
     * t = max(t_k, t_p, min_p); kept = {p >= t, p > 0}; K = sum of kept p;
@@ -92,7 +119,7 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     exp_sum = tl.zeros([BLOCK_R], tl.float32)
     argmax = tl.zeros([BLOCK_R], tl.int32)
     for start in range(0, vocab, BLOCK_V):
-        logits, columns = _load_logits(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
+        logits, columns = _load_tile(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
         tile_max = tl.max(logits, axis=1)
         tile_argmax = tl.min(tl.where(logits == tile_max[:, None], columns[None, :], vocab), axis=1)
         argmax = tl.where(tile_max > logit_max, tile_argmax, argmax)  # strict: an earlier tile keeps ties
@@ -111,51 +138,39 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     searching = sampling & (top_k > 0) & (top_k < vocab)
     top_k_active = searching
     while tl.max(searching.to(tl.int32)) > 0:
-        mid = lo + (hi - lo) // 2
-        pivot = mid.to(tl.float32, bitcast=True)
-        count = tl.zeros([BLOCK_R], tl.int32)
-        for start in range(0, vocab, BLOCK_V):
-            probs, _ = _probs(logits_ptr, row_offsets, searching, start, vocab, temperature, scaled_max, BLOCK_V)
-            count += tl.sum((probs >= pivot[:, None]).to(tl.int32), axis=1)
+        pivot = (lo + (hi - lo) // 2).to(tl.float32, bitcast=True)
+        count, _, above, below = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature, scaled_max, pivot,
+                                          BLOCK_R, BLOCK_V)
         enough = count >= top_k
-        lo = tl.where(searching & enough, mid, lo)
+        lo, hi = _narrow(searching, enough, lo, hi, above, below)
         count_lo = tl.where(searching & enough, count, count_lo)
-        hi = tl.where(searching & ~enough, mid, hi)
         searching = searching & (hi - lo > 1) & (count_lo != top_k)
     threshold_k = tl.where(top_k_active, lo.to(tl.float32, bitcast=True), 0.0)
 
-    # Top-p: the mass above t_k, then bisection on [bits(t_k), bits(1.0)] for sum{p >= t} >= top_p * mass.
+    # Top-p: the mass above t_k, then the same bisection on [bits(t_k), bits(1.0)] for sum{p >= t} >= target.
     top_p = tl.load(top_p_ptr + rows, mask=rows_valid, other=1.0)
     top_p_active = sampling & (top_p < 1)
     threshold_p = tl.zeros([BLOCK_R], tl.float32)
     if tl.max(top_p_active.to(tl.int32)) > 0:
-        mass_k = tl.zeros([BLOCK_R], tl.float32)
-        for start in range(0, vocab, BLOCK_V):
-            probs, _ = _probs(logits_ptr, row_offsets, top_p_active, start, vocab, temperature, scaled_max, BLOCK_V)
-            mass_k += tl.sum(tl.where(probs >= threshold_k[:, None], probs, 0.0), axis=1)
+        _, mass_k, _, _ = _pass_at(logits_ptr, row_offsets, top_p_active, vocab, temperature, scaled_max,
+                                   threshold_k, BLOCK_R, BLOCK_V)
         target = top_p * mass_k
         lo = threshold_k.to(tl.int32, bitcast=True)
         hi = tl.full([BLOCK_R], ONE_BITS + 1, tl.int32)
         searching = top_p_active
         while tl.max(searching.to(tl.int32)) > 0:
-            mid = lo + (hi - lo) // 2
-            pivot = mid.to(tl.float32, bitcast=True)
-            mass = tl.zeros([BLOCK_R], tl.float32)
-            for start in range(0, vocab, BLOCK_V):
-                probs, _ = _probs(logits_ptr, row_offsets, searching, start, vocab, temperature, scaled_max, BLOCK_V)
-                mass += tl.sum(tl.where(probs >= pivot[:, None], probs, 0.0), axis=1)
-            enough = mass >= target
-            lo = tl.where(searching & enough, mid, lo)
-            hi = tl.where(searching & ~enough, mid, hi)
+            pivot = (lo + (hi - lo) // 2).to(tl.float32, bitcast=True)
+            _, mass, above, below = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature, scaled_max,
+                                             pivot, BLOCK_R, BLOCK_V)
+            lo, hi = _narrow(searching, mass >= target, lo, hi, above, below)
             searching = searching & (hi - lo > 1)
         threshold_p = tl.where(top_p_active, lo.to(tl.float32, bitcast=True), 0.0)
 
     min_p = tl.load(min_p_ptr + rows, mask=rows_valid, other=0.0)
     threshold = tl.maximum(tl.maximum(threshold_k, threshold_p), min_p)
-    kept_mass = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, vocab, BLOCK_V):
-        probs, _ = _probs(logits_ptr, row_offsets, sampling, start, vocab, temperature, scaled_max, BLOCK_V)
-        kept_mass += tl.sum(tl.where((probs >= threshold[:, None]) & (probs > 0), probs, 0.0), axis=1)
+    # p >= threshold with p > 0: zeros add no mass, so the mass at the threshold is the kept mass K.
+    _, kept_mass, _, _ = _pass_at(logits_ptr, row_offsets, sampling, vocab, temperature, scaled_max, threshold,
+                                  BLOCK_R, BLOCK_V)
 
     seed = tl.load(seed_ptr + rows, mask=rows_valid, other=0)
     step = tl.load(step_ptr + rows, mask=rows_valid, other=0)
@@ -165,7 +180,8 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     cumulative = tl.zeros([BLOCK_R], tl.float32)
     drawing = sampling
     for start in range(0, vocab, BLOCK_V):  # rows that have drawn mask their loads off: no traffic after the draw
-        probs, columns = _probs(logits_ptr, row_offsets, drawing, start, vocab, temperature, scaled_max, BLOCK_V)
+        logits, columns = _load_tile(logits_ptr, row_offsets, drawing, start, vocab, BLOCK_V)
+        probs = tl.exp(logits / temperature[:, None] - scaled_max[:, None])
         kept = tl.where((probs >= threshold[:, None]) & (probs > 0), probs, 0.0)
         running = cumulative[:, None] + tl.cumsum(kept, axis=1)
         crossed = (running > draw_target[:, None]) & (kept > 0)
@@ -194,8 +210,8 @@ def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step):
     if num_rows == 0:
         return tokens, logprobs
     # A GPU program keeps a 4096-element tile in registers (one row of a large vocabulary, or many rows of a
-    # small one); the interpreter pays per op, so it takes tiles of 64Ki elements.
-    tile = 65536 if interpreted(logits) else 4096
+    # small one); the interpreter pays per op, so it takes tiles of 128Ki elements.
+    tile = 131072 if interpreted(logits) else 4096
     block_v = min(tile, triton.next_power_of_2(vocab))
     block_r = max(1, min(tile // block_v, triton.next_power_of_2(num_rows)))
     grid = (triton.cdiv(num_rows, block_r),)
