@@ -66,8 +66,8 @@ def with_tiebreak(values):
 
 
 def test_logprob_rules_match_hand_sums_and_means(samples):
-    torch.testing.assert_close(compute_scores("sum_logprob", samples), torch.tensor(SUMS))
-    torch.testing.assert_close(compute_scores("mean_logprob", samples), torch.tensor(MEANS))
+    torch.testing.assert_close(compute_scores("sum_logprob", samples), torch.tensor(SUMS, dtype=torch.float64))
+    torch.testing.assert_close(compute_scores("mean_logprob", samples), torch.tensor(MEANS, dtype=torch.float64))
 
 
 def test_unknown_rule_is_rejected():
@@ -90,8 +90,6 @@ def test_verifier_sees_every_sample_and_ranks_verdict_first_then_probability(sam
     assert scores[1, 2] > scores[1, 1], "among wrong samples the higher mean log-prob must win"
 
 
-@pytest.mark.xfail(strict=True, reason="scoring._with_logprob_tiebreak adds 1e-6*exp(mean) in float32; near a "
-                   "verdict of 1.0 one ulp is 1.2e-7, so mean log-probs -1.0 and -1.1 round to the same score")
 def test_verifier_tiebreak_resolves_close_mean_logprobs():
     close = Samples(prompts=[ids("1+1=")], sequences=torch.tensor([[[2, EOS], [2, EOS]]]),
                     lengths=torch.tensor([[2, 2]]), token_logprobs=torch.tensor([[[-1.1, -1.1], [-1.0, -1.0]]]),
@@ -142,7 +140,7 @@ def test_reward_model_callable_gets_left_padded_prompt_plus_completion(samples):
     scores = compute_scores(reward_model(token_sum, batch_size=4), samples)
     # prompt "12+3=" sums to 27, "4+4=" to 29; completions add their ids (EOS = 13 included, padding not).
     torch.testing.assert_close(scores, torch.tensor([[27 + 19, 27 + 20, 27 + 6], [29 + 21, 29 + 10, 29 + 22]],
-                                                    dtype=torch.float32))
+                                                    dtype=torch.float64))
     assert [tuple(batch.shape) for batch, _ in batches] == [(4, 8), (2, 6)]
     first_ids, first_mask = batches[0]
     assert first_ids[2].tolist() == [PAD] + ids("12+3=").tolist() + [1, 5]
@@ -166,7 +164,7 @@ def test_reward_model_hf_classifier_matches_one_call_per_sequence(samples):
                                   for completion in row]
                                  for prompt, row in zip(samples.prompts, samples.completions(), strict=True)])
     assert expected.std() > 0, "a classifier with one output everywhere would not test the pairing"
-    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores, expected.double(), atol=1e-5, rtol=1e-5)
 
 
 PROMPTS = [torch.tensor([3, 7, 11, 5, 40]), torch.tensor([9, 2])]

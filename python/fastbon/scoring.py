@@ -37,8 +37,8 @@ class Samples:
 
 
     def mean_logprobs(self) -> torch.Tensor:
-        """Mean raw log-probability per sample [B, n] (float32)."""
-        return self.token_logprobs.sum(-1, dtype=torch.float32) / self.lengths.clamp(min=1).to(torch.float32)
+        """Mean raw log-probability per sample [B, n] (float64)."""
+        return self.token_logprobs.sum(-1, dtype=torch.float64) / self.lengths.clamp(min=1).to(torch.float64)
 
     def texts(self, tokenizer) -> list:
         """Each sample's completion decoded without special tokens: B lists of n strings."""
@@ -80,18 +80,18 @@ def check_score(score) -> None:
 
 
 def compute_scores(score: str | Callable, samples: Samples) -> torch.Tensor:
-    """Scores [B, n] float32 (higher is better) under ``score``; a callable's output is checked here."""
+    """Scores [B, n] float64 (higher is better; float64 so small tie-breaks survive next to scores near 1) under ``score``; a callable's output is checked here."""
     if score == "sum_logprob":
-        return samples.token_logprobs.sum(-1, dtype=torch.float32)
+        return samples.token_logprobs.sum(-1, dtype=torch.float64)
     if score == "mean_logprob":
         return samples.mean_logprobs()
     values = score(samples)
     expected = tuple(samples.lengths.shape)
     if not isinstance(values, torch.Tensor):
-        values = torch.as_tensor(values, dtype=torch.float32)
+        values = torch.as_tensor(values, dtype=torch.float64)
     if tuple(values.shape) != expected:
         raise ValueError(f"the score callable must return shape {expected}, got {tuple(values.shape)}")
-    values = values.to(device=samples.lengths.device, dtype=torch.float32)
+    values = values.to(device=samples.lengths.device, dtype=torch.float64)
     if torch.isnan(values).any():
         raise ValueError("the score callable returned NaN")
     return values
@@ -100,7 +100,7 @@ def compute_scores(score: str | Callable, samples: Samples) -> torch.Tensor:
 def _with_logprob_tiebreak(values: torch.Tensor, samples: Samples) -> torch.Tensor:
     """``values`` plus a tie-break below 1e-6 that prefers the more probable sample (exp of the mean
     log-probability lies in (0, 1]), so equal verdicts or votes rank by the model's own confidence."""
-    return values.to(torch.float32) + 1e-6 * torch.exp(samples.mean_logprobs())
+    return values.to(torch.float64) + 1e-6 * torch.exp(samples.mean_logprobs())
 
 
 def verifier(check: Callable, tokenizer) -> Callable:
@@ -117,7 +117,7 @@ def verifier(check: Callable, tokenizer) -> Callable:
         verdicts = list(check(flat_prompts, flat_texts))
         if len(verdicts) != len(flat_texts):
             raise ValueError(f"the verifier must return one value per sample ({len(flat_texts)}), got {len(verdicts)}")
-        values = torch.tensor([float(v) for v in verdicts], dtype=torch.float32).view(samples.lengths.shape)
+        values = torch.tensor([float(v) for v in verdicts], dtype=torch.float64).view(samples.lengths.shape)
         if not torch.isfinite(values).all():
             raise ValueError("the verifier returned NaN or infinite values")
         return _with_logprob_tiebreak(values.to(samples.lengths.device), samples)
@@ -172,7 +172,7 @@ def majority(extract: Callable, tokenizer, weighted: bool = False) -> Callable:
         texts = samples.texts(tokenizer)
         weights = torch.softmax(samples.token_logprobs.sum(-1, dtype=torch.float64), dim=-1) if weighted else (
             torch.ones(samples.lengths.shape, dtype=torch.float64))
-        values = torch.zeros(samples.lengths.shape, dtype=torch.float32)
+        values = torch.zeros(samples.lengths.shape, dtype=torch.float64)
         for prompt, row in enumerate(texts):
             answers = [extract(text) for text in row]
             votes = Counter()
