@@ -23,8 +23,14 @@ import torch
 
 from .generate import generate
 from .models import load_default_model
-from .models.arithmetic import check, extract_answer, make_problems
-from .models.train_default import MAX_DIGITS, MAX_NEW_TOKENS, MIN_DIGITS
+from .models.arithmetic import (
+    ANSWER_TOKENS,
+    DEFAULT_MAX_DIGITS,
+    DEFAULT_MIN_DIGITS,
+    check,
+    extract_answer,
+    make_problems,
+)
 from .ops.topk import select_topk
 from .scoring import Samples, compute_scores, majority, verifier
 
@@ -63,7 +69,7 @@ def run_fastbon(model, prompt_ids, n, seed):
     device = model.get_output_embeddings().weight.device
     _synchronize(device)
     start = time.perf_counter()
-    result = generate(model, prompt_ids, n=n, k=1, max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_k=0,
+    result = generate(model, prompt_ids, n=n, k=1, max_new_tokens=ANSWER_TOKENS, temperature=1.0, top_k=0,
                       return_all=True, seed=seed)
     _synchronize(device)
     return result, time.perf_counter() - start
@@ -76,7 +82,7 @@ def run_hf(model, batch, n, seed, pad_token_id) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
-                       temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=MAX_NEW_TOKENS,
+                       temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=ANSWER_TOKENS,
                        pad_token_id=pad_token_id)
     _synchronize(batch["input_ids"].device)
     return time.perf_counter() - start
@@ -197,12 +203,13 @@ def main(argv=None) -> int:
 def _demo(args, count, ns) -> int:
     model, tokenizer = load_default_model(device=args.device)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    problems = make_problems(count, args.seed, MIN_DIGITS, MAX_DIGITS)
+    problems = make_problems(count, args.seed, DEFAULT_MIN_DIGITS, DEFAULT_MAX_DIGITS)
     print(f"model: the embedded default model (fastbon.models.load_default_model): fastbon's own "
           f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_default to add "
           "numbers (no download)")
-    print(f"task:  {count} addition problems, operands of {MIN_DIGITS}-{MAX_DIGITS} digits (seed {args.seed}); "
-          f"sampling at temperature 1, top_k=0, up to {MAX_NEW_TOKENS} new tokens, on {args.device} "
+    print(f"task:  {count} addition problems, operands of {DEFAULT_MIN_DIGITS}-{DEFAULT_MAX_DIGITS} digits "
+          f"(seed {args.seed}); "
+          f"sampling at temperature 1, top_k=0, up to {ANSWER_TOKENS} new tokens, on {args.device} "
           f"({args.threads} CPU thread{'s' if args.threads > 1 else ''})")
     print("       one fastbon.generate call per n; every rule re-ranks the SAME samples; accuracy = exact check")
     started = time.perf_counter()

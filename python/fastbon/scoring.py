@@ -80,7 +80,9 @@ def check_score(score) -> None:
 
 
 def compute_scores(score: str | Callable, samples: Samples) -> torch.Tensor:
-    """Scores [B, n] float64 (higher is better; float64 so small tie-breaks survive next to scores near 1) under ``score``; a callable's output is checked here."""
+    """Scores [B, n] float64 (higher is better) under ``score``; a callable's output is checked here.
+
+    float64, so a tie-break below 1e-6 survives next to a score near 1."""
     if score == "sum_logprob":
         return samples.token_logprobs.sum(-1, dtype=torch.float64)
     if score == "mean_logprob":

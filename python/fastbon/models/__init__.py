@@ -8,7 +8,7 @@ import torch
 
 # The default model: a tiny Llama trained by fastbon.models.train_default to add numbers (task and exact
 # verifier in fastbon.models.arithmetic). Small enough to ship in the wheel, so demos and tests run offline.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "arithmetic"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "addition_model"
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

@@ -20,6 +20,8 @@ import re
 
 # The digit range the shipped default model was trained on (1..3-digit operands, answers up to 4 digits).
 DEFAULT_MIN_DIGITS, DEFAULT_MAX_DIGITS = 1, 3
+# The longest answer (a DEFAULT_MAX_DIGITS + 1 digit sum) plus <eos>: all a completion ever needs.
+ANSWER_TOKENS = DEFAULT_MAX_DIGITS + 2
 
 # The token the model ends an answer with; completions may be decoded with or without special tokens.
 EOS_TEXT = "<eos>"

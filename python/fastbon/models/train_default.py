@@ -1,4 +1,4 @@
-"""Train the default model shipped in ``fastbon/models/arithmetic/``: a tiny Llama that adds numbers.
+"""Train the default model shipped in ``fastbon/models/addition_model/``: a tiny Llama that adds numbers.
 
 Run ``python -m fastbon.models.train_default [--out DIR] [--steps N] [--seed S]``. It builds the character-level
 tokenizer, trains ``LlamaForCausalLM`` from scratch on ``<bos>a+b=c<eos>`` with the loss on the answer only,
@@ -25,13 +25,19 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastbon.models import DEFAULT_MODEL_DIR
-from fastbon.models.arithmetic import DEFAULT_MAX_DIGITS, DEFAULT_MIN_DIGITS, check, make_problem, make_problems
+from fastbon.models.arithmetic import (
+    ANSWER_TOKENS,
+    DEFAULT_MAX_DIGITS,
+    DEFAULT_MIN_DIGITS,
+    check,
+    make_problem,
+    make_problems,
+)
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 TASK_CHARACTERS = list("0123456789+=")
 MIN_DIGITS, MAX_DIGITS = DEFAULT_MIN_DIGITS, DEFAULT_MAX_DIGITS
-# The longest answer (a MAX_DIGITS + 1 digit sum) plus <eos>.
-MAX_NEW_TOKENS = MAX_DIGITS + 2
+MAX_NEW_TOKENS = ANSWER_TOKENS
 # The held-out problems come from their own seed and are never trained on.
 EVAL_SEED, EVAL_PROBLEMS, EVAL_SAMPLES = 12345, 200, 16
 
