@@ -10,18 +10,22 @@
 
 namespace fastbon {
 
-inline DType dtype_of(const at::Tensor& tensor, std::initializer_list<DType> allowed) {
-  DType dtype;
+// The kernel element type of `tensor` (argument `name`), one of `allowed`; a TypeError naming the argument else.
+inline DType dtype_of(const at::Tensor& tensor, const char* name, std::initializer_list<DType> allowed) {
+  DType dtype = DType::kFloat32;
+  bool known = true;
   switch (tensor.scalar_type()) {
     case at::kFloat: dtype = DType::kFloat32; break;
     case at::kHalf: dtype = DType::kFloat16; break;
     case at::kBFloat16: dtype = DType::kBFloat16; break;
     case at::kDouble: dtype = DType::kFloat64; break;
-    default: TORCH_CHECK_TYPE(false, "fastbon: unsupported dtype ", tensor.scalar_type());
+    default: known = false;
   }
-  for (DType candidate : allowed)
-    if (candidate == dtype) return dtype;
-  TORCH_CHECK_TYPE(false, "fastbon: unsupported dtype ", tensor.scalar_type());
+  bool listed = false;
+  for (DType candidate : allowed) listed = listed || (known && candidate == dtype);
+  TORCH_CHECK_TYPE(listed, "fastbon: ", name, " has dtype ", tensor.scalar_type(), ", which the ",
+                   tensor.device().type(), " kernels do not take");
+  return dtype;
 }
 
 inline void check_tensor(const at::Tensor& tensor, const char* name, const at::Tensor& like, int64_t ndim,

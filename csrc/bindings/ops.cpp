@@ -39,7 +39,7 @@ void shared_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& prefix_k
                                  const at::Tensor& sample_to_prompt, double scale, const at::Tensor& out) {
   check_attention_arguments(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
                             out);
-  cpu::shared_prefix_attention(dtype_of(q, {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}),
+  cpu::shared_prefix_attention(dtype_of(q, "q", {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}),
                                q.data_ptr(), prefix_k.data_ptr(), prefix_v.data_ptr(),
                                prefix_lens.data_ptr<int32_t>(), suffix_k.data_ptr(), suffix_v.data_ptr(),
                                suffix_lens.data_ptr<int32_t>(), sample_to_prompt.data_ptr<int32_t>(),
@@ -51,7 +51,7 @@ void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at:
                 const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
                 const at::Tensor& step, const at::Tensor& tokens, const at::Tensor& logprobs) {
   check_sample_arguments(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs);
-  cpu::sample(dtype_of(logits, {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}),
+  cpu::sample(dtype_of(logits, "logits", {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}),
               logits.data_ptr(), logits.size(1), row_index.data_ptr<int64_t>(), temperature.data_ptr<float>(),
               top_k.data_ptr<int32_t>(), top_p.data_ptr<float>(), min_p.data_ptr<float>(), seed.data_ptr<int64_t>(),
               step.data_ptr<int64_t>(), row_index.size(0), tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
@@ -60,7 +60,7 @@ void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at:
 
 void select_topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   check_topk_arguments(scores, k, values, indices);
-  cpu::select_topk(dtype_of(scores, {DType::kFloat32, DType::kFloat64}), scores.data_ptr(), scores.size(0),
+  cpu::select_topk(dtype_of(scores, "scores", {DType::kFloat32, DType::kFloat64}), scores.data_ptr(), scores.size(0),
                    scores.size(1), k, values.data_ptr(), indices.data_ptr<int64_t>(), op_threads());
 }
 
