@@ -69,7 +69,7 @@ def _pass_at(logits_ptr, row_offsets, rows_valid, vocab, temperature, scaled_max
     above = tl.full([BLOCK_R], 1.0, tl.float32)
     below = tl.full([BLOCK_R], -1.0, tl.float32)
     for start in range(0, vocab, BLOCK_V):
-        logits, _ = _load_tile(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
+        logits, columns = _load_tile(logits_ptr, row_offsets, rows_valid, start, vocab, BLOCK_V)
         probs = tl.exp(logits / temperature[:, None] - scaled_max[:, None])
         at_or_above = probs >= pivot[:, None]
         count += tl.sum(at_or_above.to(tl.int32), axis=1)
@@ -139,7 +139,7 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     top_k_active = searching
     while tl.max(searching.to(tl.int32)) > 0:
         pivot = (lo + (hi - lo) // 2).to(tl.float32, bitcast=True)
-        count, _, above, below = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature, scaled_max, pivot,
+        count, mass, above, below = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature, scaled_max, pivot,
                                           BLOCK_R, BLOCK_V)
         enough = count >= top_k
         lo, hi = _narrow(searching, enough, lo, hi, above, below)
@@ -152,25 +152,25 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     top_p_active = sampling & (top_p < 1)
     threshold_p = tl.zeros([BLOCK_R], tl.float32)
     if tl.max(top_p_active.to(tl.int32)) > 0:
-        _, mass_k, _, _ = _pass_at(logits_ptr, row_offsets, top_p_active, vocab, temperature, scaled_max,
-                                   threshold_k, BLOCK_R, BLOCK_V)
+        count_k, mass_k, above_k, below_k = _pass_at(logits_ptr, row_offsets, top_p_active, vocab, temperature,
+                                                     scaled_max, threshold_k, BLOCK_R, BLOCK_V)
         target = top_p * mass_k
         lo = threshold_k.to(tl.int32, bitcast=True)
         hi = tl.full([BLOCK_R], ONE_BITS + 1, tl.int32)
         searching = top_p_active
         while tl.max(searching.to(tl.int32)) > 0:
             pivot = (lo + (hi - lo) // 2).to(tl.float32, bitcast=True)
-            _, mass, above, below = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature, scaled_max,
-                                             pivot, BLOCK_R, BLOCK_V)
-            lo, hi = _narrow(searching, mass >= target, lo, hi, above, below)
+            count_p, mass_p, above_p, below_p = _pass_at(logits_ptr, row_offsets, searching, vocab, temperature,
+                                                         scaled_max, pivot, BLOCK_R, BLOCK_V)
+            lo, hi = _narrow(searching, mass_p >= target, lo, hi, above_p, below_p)
             searching = searching & (hi - lo > 1)
         threshold_p = tl.where(top_p_active, lo.to(tl.float32, bitcast=True), 0.0)
 
     min_p = tl.load(min_p_ptr + rows, mask=rows_valid, other=0.0)
     threshold = tl.maximum(tl.maximum(threshold_k, threshold_p), min_p)
     # p >= threshold with p > 0: zeros add no mass, so the mass at the threshold is the kept mass K.
-    _, kept_mass, _, _ = _pass_at(logits_ptr, row_offsets, sampling, vocab, temperature, scaled_max, threshold,
-                                  BLOCK_R, BLOCK_V)
+    kept_count, kept_mass, kept_min, kept_below = _pass_at(logits_ptr, row_offsets, sampling, vocab, temperature,
+                                                           scaled_max, threshold, BLOCK_R, BLOCK_V)
 
     seed = tl.load(seed_ptr + rows, mask=rows_valid, other=0)
     step = tl.load(step_ptr + rows, mask=rows_valid, other=0)

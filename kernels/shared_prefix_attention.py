@@ -25,8 +25,10 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     multiplies those (``create_dot``), so there bfloat16 operands go up to float32 first: the products are exact
     either way, as on a GPU's bfloat16 tensor cores."""
     if INTERPRETED_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
+        product = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        product = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return product
 
 
 @triton.jit
@@ -37,8 +39,10 @@ def _to_output(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     if INTERPRETED_BF16:
         bits = x.to(tl.uint32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(dtype)
+        converted = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        converted = x.to(dtype)
+    return converted
 
 
 @triton.jit
@@ -176,7 +180,7 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pre
     tl.store(out_ptr + q_row[:, None] * head_dim + dims[None, :], out, mask=head_valid[:, None] & dim_valid[None, :])
 
 
-def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, interpreter):
+def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, float32, interpreter):
     """(BLOCK_M, BLOCK_N, query tiles upper bound, prefix chunk length, number of chunks) from host-known sizes.
 
     BLOCK_M fits the average prompt's rows (16..64: tl.dot's minimum, and a register budget). The prefix is split
@@ -185,8 +189,11 @@ def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, interpreter
     sum_b cdiv(rows_b, BLOCK_M) <= (N * group + B * (BLOCK_M - 1)) // BLOCK_M bounds the grid without reading
     the per-prompt counts back to the host.
     """
-    block_m = min(64, max(16, triton.next_power_of_2(triton.cdiv(num_samples, num_prompts) * group)))
-    block_n = 128 if interpreter else 64
+    # float32 operands go through IEEE dots that stage both tiles in shared memory: 64 x 64 tiles at D = 128 take
+    # 180 KB (compiled for sm_80/sm_90), 32-key tiles with at most 32 rows fit every sm_8x/sm_90 part.
+    max_rows = 32 if float32 and not interpreter else 64
+    block_m = min(max_rows, max(16, triton.next_power_of_2(triton.cdiv(num_samples, num_prompts) * group)))
+    block_n = 128 if interpreter else 32 if float32 else 64
     tiles = (num_samples * group + num_prompts * (block_m - 1)) // block_m
     target_programs = 16 if interpreter else 528  # 4 per SM of an H100
     key_blocks = triton.cdiv(prefix_max, block_n)
@@ -212,7 +219,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     if num_samples == 0:
         return out
     block_m, block_n, tiles, chunk_len, num_chunks = _plan(num_samples, num_prompts, num_kv_heads, group,
-                                                           prefix_max, interpreted(q))
+                                                           prefix_max, q.dtype == torch.float32, interpreted(q))
     block_d = max(16, triton.next_power_of_2(head_dim))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit products are exact in fp32 anyway
     upcast_bf16 = interpreted(q) and q.dtype == torch.bfloat16
