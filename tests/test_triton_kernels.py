@@ -1,6 +1,11 @@
 """Triton-specific cases the per-op tests do not reach: Philox bit-exactness inside a kernel, threshold ties and
 single survivors, the largest vocabulary, rows beyond one comparison tile, and the attention tiling edges
-(several query tiles per prompt, prompts without samples, an empty prefix everywhere)."""
+(several query tiles per prompt, prompts without samples, an empty prefix everywhere), and a compile of every
+kernel for a GPU target on machines without one."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -149,3 +154,45 @@ def test_attention_rejects_float64_with_a_clear_error():
     with pytest.raises(TypeError, match="q must be"):
         shared_prefix_attention(*[a.to(DEVICE).double() if a.is_floating_point() else a.to(DEVICE) for a in args],
                                 backend="triton")
+
+
+_COMPILE_FOR_CUDA = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastbon.kernels import sample, select_topk, shared_prefix_attention as attention
+
+def compile_(fn, signature, constexprs, num_warps=4):
+    signature = {**signature, **{name: "constexpr" for name in constexprs}}
+    triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": num_warps})
+
+compile_(select_topk._select_topk_kernel, dict(scores_ptr="*fp64", values_ptr="*fp64", indices_ptr="*i64", n="i32",
+         k="i32"), dict(BLOCK_J=64, BLOCK_I=256))
+compile_(sample._sample_kernel, dict(logits_ptr="*bf16", row_index_ptr="*i64", temperature_ptr="*fp32",
+         top_k_ptr="*i32", top_p_ptr="*fp32", min_p_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64", tokens_ptr="*i64",
+         logprobs_ptr="*fp32", num_rows="i32", vocab="i32"), dict(BLOCK_R=1, BLOCK_V=4096), num_warps=8)
+for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+    compile_(attention._prefix_partial_kernel, dict(q_ptr=f"*{dtype}", prefix_k_ptr=f"*{dtype}",
+             prefix_v_ptr=f"*{dtype}", prefix_lens_ptr="*i32", sample_order_ptr="*i32", prompt_first_ptr="*i64",
+             prompt_counts_ptr="*i64", tile_prompt_ptr="*i64", tile_first_ptr="*i64", partial_o_ptr="*fp32",
+             partial_lse_ptr="*fp32", qk_scale="fp32", num_prompts="i32", num_samples="i32", num_q_heads="i32",
+             num_kv_heads="i32", prefix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
+             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False))
+    compile_(attention._suffix_merge_kernel, dict(q_ptr=f"*{dtype}", suffix_k_ptr=f"*{dtype}",
+             suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", prefix_lens_ptr="*i32", sample_to_prompt_ptr="*i32",
+             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=f"*{dtype}", qk_scale="fp32", num_samples="i32",
+             num_q_heads="i32", num_kv_heads="i32", suffix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
+             dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
+def test_kernels_compile_for_cuda():
+    """The interpreter skips the GPU compiler's rules (constexpr globals, loop-carried types, shared memory), so
+    compile every kernel for sm_90 ahead of time; needs no GPU, only Triton's bundled ptxas."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_CUDA], env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
