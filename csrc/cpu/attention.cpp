@@ -286,7 +286,10 @@ void run_attention(const In* q, const In* prefix_k, const In* prefix_v, const in
 
   const Isa isa = active_isa();
   const int64_t num_segments = static_cast<int64_t>(segments.size());
-#pragma omp parallel num_threads(num_threads)
+  int64_t multiply_adds = 0;
+  for (const auto& segment : segments) multiply_adds += segment.rows * segment.length * head_dim;
+  const int threads = team_size(std::min<int64_t>(num_threads, num_segments), multiply_adds, int64_t{1} << 20);
+#pragma omp parallel num_threads(threads)
   {
     std::unique_ptr<Acc[]> scratch(new Acc[scratch_elements<Acc>(head_dim)]);
     std::unique_ptr<Acc[]> merged(new Acc[head_dim]);

@@ -63,6 +63,13 @@ inline Isa active_isa() {
 #endif
 }
 
+// OpenMP team size for `work` units when `per_thread` units keep a thread busy enough to pay for waking it: small
+// calls stay on one thread, where a team would spend more on its barrier (on a loaded machine, much more).
+inline int team_size(int requested, int64_t work, int64_t per_thread) {
+  const int64_t useful = work / per_thread + 1;
+  return static_cast<int>(useful < requested ? useful : (requested > 0 ? requested : 1));
+}
+
 template <typename To, typename From>
 FASTBON_INLINE To bit_cast(From value) {
   return __builtin_bit_cast(To, value);

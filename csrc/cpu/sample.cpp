@@ -195,7 +195,9 @@ void run_sample(const In* logits, int64_t vocab, const int64_t* row_index, const
                 const int32_t* top_k, const float* top_p, const float* min_p, const int64_t* seed, const int64_t* step,
                 int64_t num_rows, int64_t* tokens, float* logprobs, int num_threads) {
   const Isa isa = active_isa();
-#pragma omp parallel num_threads(num_threads)
+  const int threads = team_size(static_cast<int>(std::min<int64_t>(num_threads, num_rows)), num_rows * vocab,
+                                int64_t{1} << 17);
+#pragma omp parallel num_threads(threads)
   {
     Scratch<Work> scratch;
     scratch.probs.resize(vocab);

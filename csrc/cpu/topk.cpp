@@ -11,7 +11,7 @@ namespace {
 template <typename T>
 void run_select_topk(const T* scores, int64_t num_rows, int64_t n, int64_t k, T* values, int64_t* indices,
                      int num_threads) {
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(team_size(num_threads, num_rows * n, int64_t{1} << 16))
   {
     std::vector<int64_t> order(n);
 #pragma omp for schedule(static)
