@@ -73,7 +73,7 @@ class SharedPrefixCache(Cache):
 
     def __init__(self, prefix_keys: list, prefix_values: list, prefix_lens: torch.Tensor,
                  sample_to_prompt: torch.Tensor, max_new_tokens: int, backend: str | None = None):
-        self.attention = attention_implementation(prefix_keys[0].device, backend)
+        self.attention = attention_implementation(prefix_keys[0].device, backend, prefix_keys[0].dtype)
         self.prefix_lens = prefix_lens.to(torch.int32)
         self.sample_to_prompt = sample_to_prompt.to(torch.int32)
         self.suffix_length = 0

@@ -82,9 +82,10 @@ def backends() -> dict[str, str]:
     return status
 
 
-def resolve(op: str, device: torch.device, backend: str | None) -> str:
+def resolve(op: str, device: torch.device, backend: str | None, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on ``device``: the one asked for (argument, then FASTBON_BACKEND), else the
-    first available in the default order. Raises ValueError when the one asked for cannot run."""
+    first available in the default order (float64 inputs: torch, the only backend that computes in float64).
+    Raises ValueError when the one asked for cannot run."""
     requested = backend if backend is not None else os.environ.get("FASTBON_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
@@ -93,6 +94,8 @@ def resolve(op: str, device: torch.device, backend: str | None) -> str:
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run {op} on {device.type}: {reason}")
         return requested
+    if dtype == torch.float64:
+        return "torch"
     for candidate in _DEFAULT_ORDER.get(device.type, {}).get(op, ("torch",)):
         if unavailable_reason(candidate, device) is None:
             return candidate

@@ -58,11 +58,11 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     tensors = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt)
-    return attention_implementation(device, backend)(*(t.contiguous() for t in tensors), float(scale))
+    return attention_implementation(device, backend, q.dtype)(*(t.contiguous() for t in tensors), float(scale))
 
 
-def attention_implementation(device: torch.device, backend: str | None = None):
+def attention_implementation(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None):
     """The backend function (contract of ``reference.shared_prefix_attention``, inputs unchecked) that runs on
     ``device``: resolved once by a caller that calls it every layer of every step."""
-    return dispatch.implementation("shared_prefix_attention", dispatch.resolve("shared_prefix_attention", device,
-                                                                                backend))
+    chosen = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
+    return dispatch.implementation("shared_prefix_attention", chosen)
