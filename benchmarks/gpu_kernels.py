@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from fastbon import dispatch
 from fastbon.ops import reference, sample, select_topk, shared_prefix_attention
 

@@ -8,6 +8,7 @@ order like their bits), one counting pass per step; see ``_sample_kernel``.
 import torch
 import triton
 import triton.language as tl
+
 from fastbon.ops import philox
 from fastbon.ops._alloc import new_output
 

@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+
 from fastbon.ops._alloc import new_output
 
 from ._launch import interpreted

@@ -14,6 +14,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from fastbon.ops._alloc import new_output
 
 from ._launch import interpreted

@@ -3,6 +3,7 @@ well formed. Everything here runs on CPU in a few seconds."""
 
 import pytest
 import torch
+
 from fastbon.models import DEFAULT_MODEL_DIR, load_default_model
 from fastbon.models.arithmetic import check, extract_answer, make_problems
 

@@ -5,6 +5,7 @@ import csv
 import io
 
 import pytest
+
 from fastbon import cli
 from fastbon.demo import QUICK_NS, RULES
 

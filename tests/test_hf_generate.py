@@ -1,11 +1,12 @@
 """fastbon.generate end to end, against Hugging Face itself, for every supported family."""
 
-import fastbon
 import pytest
 import torch
-from fastbon.generate import SYNC_EVERY
 from hf_models import FAMILIES, VOCAB, hf_token_logprobs, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
+
+import fastbon
+from fastbon.generate import SYNC_EVERY
 
 
 def _unequal_prompts(padding_side: str):

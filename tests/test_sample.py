@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from fastbon.ops import reference, sample
 from fastbon.ops.philox import philox_uniform
 

@@ -14,11 +14,12 @@ import math
 
 import pytest
 import torch
+from hf_models import tiny_model
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
 from fastbon import generate
 from fastbon.models.arithmetic import check, extract_answer
 from fastbon.scoring import Samples, check_score, compute_scores, majority, reward_model, verifier
-from hf_models import tiny_model
-from transformers import LlamaConfig, LlamaForSequenceClassification
 
 CHARACTERS = "0123456789+="
 PAD, EOS = 12, 13

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from fastbon.ops import select_topk
 
 

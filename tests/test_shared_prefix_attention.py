@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from fastbon.ops import reference, shared_prefix_attention
 
 # (prompts, samples per prompt, Hq, Hkv, D, P_max, T_max)

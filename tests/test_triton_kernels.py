@@ -11,6 +11,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+
 from fastbon import dispatch
 from fastbon.kernels.sample import _philox_uniform
 from fastbon.ops import reference, sample, select_topk, shared_prefix_attention
