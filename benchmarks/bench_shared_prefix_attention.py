@@ -2,13 +2,14 @@
 prefix sharing runs: K/V [N, Hkv, P+S, D] per sample, F.scaled_dot_product_attention with enable_gqa).
 
 Bytes are counted explicitly: the shared op reads the prefix once (B·Hkv·P·D·2) and each suffix (N·Hkv·S·D·2);
-the baseline reads N·Hkv·(P+S)·D·2 elements. Both also read q and write out.
+the baseline reads N·Hkv·(P+S)·D·2 elements. Both also read q and write out. Backends are timed through their
+contract functions (fastbon.dispatch.implementation), without the public function's input validation.
 """
 
-import pytest
 import torch
 import torch.nn.functional as F
-from fastbon.ops import shared_prefix_attention
+
+from fastbon import dispatch
 
 # (prompts, samples per prompt, Hq, Hkv, D, prefix P, suffix S, dtype): the CPU target shape, then a bf16 GQA shape.
 CASES = {
@@ -50,9 +51,11 @@ def test_shared_prefix_attention(measure, case, device, backend):
 
         bytes_moved = 2 * keys.numel() * element + io_bytes
     else:
+        implementation = dispatch.implementation("shared_prefix_attention", backend)
+        scale = q.shape[-1] ** -0.5
+
         def fn():
-            return shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, s2p,
-                                           backend=backend)
+            return implementation(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, s2p, scale)
 
         bytes_moved = (prefix_k.numel() + prefix_v.numel() + suffix_k.numel() + suffix_v.numel()) * element + io_bytes
     measure("shared_prefix_attention", case, backend, fn, bytes_moved, device)

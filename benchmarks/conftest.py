@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from fastbon import dispatch
 
 RESULTS = []  # one dict per timed (op, case, backend)

@@ -50,6 +50,30 @@ FASTBON_INLINE double blocked_sum(int64_t count, Term term) {
   return total;
 }
 
+// The value v in [begin, end) where the mass of larger values is below `remaining` and the mass of values >= v
+// reaches it: a quickselect on mass, O(n) expected, instead of sorting the candidate bucket. Reorders the range.
+template <typename Work>
+Work mass_select(Work* begin, Work* end, double remaining) {
+  if (begin == end) return 0;
+  Work smallest = *std::min_element(begin, end);  // the answer when rounding leaves `remaining` unreached
+  while (begin < end) {
+    const Work pivot = begin[(end - begin) / 2];
+    Work* greater_end = std::partition(begin, end, [pivot](Work p) { return p > pivot; });
+    Work* equal_end = std::partition(greater_end, end, [pivot](Work p) { return p == pivot; });
+    double greater_mass = 0;
+    for (Work* p = begin; p < greater_end; ++p) greater_mass += *p;
+    if (greater_end > begin && greater_mass >= remaining) {
+      end = greater_end;
+      continue;
+    }
+    const double through_pivot = greater_mass + static_cast<double>(pivot) * static_cast<double>(equal_end - greater_end);
+    if (through_pivot >= remaining) return pivot;
+    remaining -= through_pivot;
+    begin = equal_end;
+  }
+  return smallest;
+}
+
 template <typename In, typename Work>
 FASTBON_INLINE void sample_row(const In* x, int64_t vocab, float temperature, int32_t top_k, float top_p, float min_p,
                                int64_t seed, int64_t step, Scratch<Work>& scratch, int64_t* token, float* logprob) {
@@ -129,16 +153,10 @@ FASTBON_INLINE void sample_row(const In* x, int64_t vocab, float temperature, in
           continue;
         }
         if (bucket != k_bucket) collect(static_cast<uint32_t>(bucket));
-        std::sort(candidates.begin(), candidates.end(), std::greater<Work>());
-        threshold_p = candidates.back();  // reached only through rounding in the sums
-        for (Work p : candidates) {
-          if (p < threshold_k) break;
-          above += p;
-          if (above >= target) {
-            threshold_p = p;
-            break;
-          }
-        }
+        const auto kept_end = std::partition(candidates.begin(), candidates.end(),
+                                             [&](Work p) { return p >= threshold_k; });
+        threshold_p = mass_select(candidates.data(), candidates.data() + (kept_end - candidates.begin()),
+                                  target - above);
         break;
       }
     }
