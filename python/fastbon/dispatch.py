@@ -24,6 +24,9 @@ _DEFAULT_ORDER = {
     "cuda": {op: ("cuda", "triton", "torch") for op in OPS},
 }
 
+# Backends whose kernels accumulate in float32 and refuse float64 inputs.
+_FLOAT32_ONLY = ("triton", "cuda")
+
 
 @cache
 def _triton_status() -> str | None:
@@ -84,7 +87,7 @@ def backends() -> dict[str, str]:
 
 def resolve(op: str, device: torch.device, backend: str | None, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on ``device``: the one asked for (argument, then FASTBON_BACKEND), else the
-    first available in the default order (float64 inputs: torch, the only backend that computes in float64).
+    first available in the default order that computes in ``dtype``.
     Raises ValueError when the one asked for cannot run."""
     requested = backend if backend is not None else os.environ.get("FASTBON_BACKEND") or None
     if requested is not None:
@@ -94,9 +97,9 @@ def resolve(op: str, device: torch.device, backend: str | None, dtype: torch.dty
         if reason is not None:
             raise ValueError(f"backend={requested!r} cannot run {op} on {device.type}: {reason}")
         return requested
-    if dtype == torch.float64:
-        return "torch"
     for candidate in _DEFAULT_ORDER.get(device.type, {}).get(op, ("torch",)):
+        if dtype == torch.float64 and candidate in _FLOAT32_ONLY:
+            continue
         if unavailable_reason(candidate, device) is None:
             return candidate
     return "torch"
