@@ -144,9 +144,10 @@ def run_grid(model, prompt_lens, ns, new_tokens_list, *, top_p=0.95, run_hf=True
     return rows
 
 
-def write_csv(rows, path) -> None:
+def write_csv(rows, path, fields=CSV_FIELDS) -> None:
+    """Rows (dicts) as CSV, floats to 4 significant digits."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in row.items()})

@@ -14,13 +14,13 @@ can show fastbon's speedup measured in the same run. Writes demo.csv and demo.pn
 """
 
 import argparse
-import csv
 import os
 import sys
 import time
 
 import torch
 
+from .bench import write_csv
 from .generate import generate
 from .models import load_default_model
 from .models.arithmetic import (
@@ -143,14 +143,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows, path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in row.items()})
-
-
 def plot(rows, path, title) -> None:
     import matplotlib
 
@@ -220,7 +212,7 @@ def _demo(args, count, ns) -> int:
           "speedup = HF generate(num_return_sequences=n) time / fastbon time, same prompts, n and token limit")
     os.makedirs(args.out, exist_ok=True)
     csv_path, png_path = os.path.join(args.out, "demo.csv"), os.path.join(args.out, "demo.png")
-    write_csv(rows, csv_path)
+    write_csv(rows, csv_path, CSV_FIELDS)
     plot(rows, png_path, f"fastbon best-of-n on its embedded addition model ({count} problems)")
     print(f"wrote {csv_path} and {png_path} ({time.perf_counter() - started:.1f} s)")
     return 0
