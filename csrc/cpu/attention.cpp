@@ -349,12 +349,7 @@ void shared_prefix_attention(DType dtype, const void* q, const void* prefix_k, c
                            num_samples, num_prompts, num_q_heads, num_kv_heads, head_dim, prefix_max, suffix_max,
                            scale, num_threads);
   };
-  switch (dtype) {
-    case DType::kFloat32: return run(float{}, float{});
-    case DType::kBFloat16: return run(BFloat16{}, float{});
-    case DType::kFloat16: return run(Half{}, float{});
-    case DType::kFloat64: return run(double{}, double{});
-  }
+  visit_dtype(dtype, run);
 }
 
 }  // namespace fastbon::cpu

@@ -143,4 +143,16 @@ FASTBON_INLINE float exp_nonpositive(float x) {
 // Double precision callers (float64 inputs) take the library exp: correctness, not speed, is their point.
 FASTBON_INLINE double exp_nonpositive(double x) { return __builtin_exp(x); }
 
+// Calls run(element, accumulator) with default-constructed values of the element type `dtype` names and of its
+// accumulator type (float for the 16- and 32-bit types, double for float64): one place maps dtypes to types.
+template <typename Run>
+void visit_dtype(DType dtype, Run&& run) {
+  switch (dtype) {
+    case DType::kFloat32: return run(float{}, float{});
+    case DType::kBFloat16: return run(BFloat16{}, float{});
+    case DType::kFloat16: return run(Half{}, float{});
+    case DType::kFloat64: return run(double{}, double{});
+  }
+}
+
 }  // namespace fastbon::cpu

@@ -244,12 +244,7 @@ void sample(DType dtype, const void* logits, int64_t vocab, const int64_t* row_i
     run_sample<In, decltype(work)>(static_cast<const In*>(logits), vocab, row_index, temperature, top_k, top_p,
                                    min_p, seed, step, num_rows, tokens, logprobs, num_threads);
   };
-  switch (dtype) {
-    case DType::kFloat32: return run(float{}, float{});
-    case DType::kBFloat16: return run(BFloat16{}, float{});
-    case DType::kFloat16: return run(Half{}, float{});
-    case DType::kFloat64: return run(double{}, double{});
-  }
+  visit_dtype(dtype, run);
 }
 
 }  // namespace fastbon::cpu
