@@ -120,4 +120,29 @@ def pytest_terminal_summary(terminalreporter):
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    write(f"CSV in {out}")
+        _plot_speedups(op, rows, out / f"{op}.png")
+    write(f"CSV and PNG in {out}")
+
+
+def _plot_speedups(op, rows, path):
+    """A bar per (case, backend): speed-up over the case's baseline (log scale), the number a reader compares."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    bars = [r for r in rows if r["backend"] != "baseline" and r["speedup"] == r["speedup"]]
+    if not bars:
+        return
+    figure, axis = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.2))
+    labels = [f"{r['case']} · {r['backend']}-{r['device']}" for r in bars]
+    axis.barh(labels, [r["speedup"] for r in bars], color="tab:blue")
+    axis.axvline(1.0, color="grey", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("speed-up over the baseline (x)")
+    axis.set_title(f"fastbon {op}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
