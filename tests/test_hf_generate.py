@@ -188,6 +188,8 @@ def test_unsupported_models_fail_before_work():
     with pytest.raises(TypeError, match="model"):
         fastbon.generate(object(), torch.tensor([[1, 2]]))
     assert fastbon.generate(gpt2, torch.tensor([[1, 2]]), n=2, max_new_tokens=2).sequences.shape == (1, 1, 2)
+    with pytest.raises(ValueError, match="learned positions"):
+        fastbon.generate(gpt2, torch.tensor([[1, 2]]), max_new_tokens=gpt2.config.n_positions)
 
 
 def test_pruning_keeps_the_oracle_best_and_saves_work():

@@ -86,6 +86,10 @@ def check_model(model, max_total_length: int) -> None:
     if window is not None and uses_window and max_total_length > window:
         raise ValueError(f"model type {model_type!r} uses a sliding window of {window} tokens and prompt + "
                          f"max_new_tokens reaches {max_total_length}; fastbon serves full attention only")
+    learned_positions = getattr(config, "n_positions", None)  # GPT-2's position table has no entry past it
+    if learned_positions is not None and max_total_length > learned_positions:
+        raise ValueError(f"model type {model_type!r} has {learned_positions} learned positions and prompt + "
+                         f"max_new_tokens reaches {max_total_length}")
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise ValueError(f"model type {model_type!r} has no language-model head")
 
