@@ -231,3 +231,22 @@ def test_every_backend_end_to_end(backend_device):
                                                                                        torch.Tensor) else
                                             getattr(result, name) for name in result.__dataclass_fields__))
     _check_against_hf(model, prompts, cpu_result, 3)
+
+
+def test_finished_samples_leave_the_batch():
+    """With an EOS that most samples hit early, finished rows are compacted out at the flag reads; what remains
+    still matches HF token for token in log-probability."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
+    n, steps = 6, 3 * SYNC_EVERY
+    free = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True)
+    eos = int(torch.mode(free.all_sequences[:, :, :SYNC_EVERY].flatten()).values)
+    result = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True, eos_token_id=eos)
+    finished_early = (result.all_lengths <= SYNC_EVERY).sum().item()
+    assert finished_early > 0
+    assert result.stats["tokens_generated"] <= len(prompts) * n * steps - finished_early * SYNC_EVERY
+    _check_against_hf(model, prompts, result, n)
+    for b in range(len(prompts)):
+        for j in range(n):
+            length = int(result.all_lengths[b, j])
+            assert length == steps or int(result.all_sequences[b, j, length - 1]) == eos

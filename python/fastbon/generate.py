@@ -23,7 +23,7 @@ class GenerationResult:
     sequences [B, k, T] generated ids only, padded with the pad id; lengths [B, k]; scores [B, k];
     token_logprobs [B, k, T] raw model log-probabilities (0 on padding); ``indices`` [B, k] which of the n
     samples each is. ``stats`` holds what the run did: tokens prefilled, KV bytes, decode steps, tokens
-    generated (all rows of all steps, pruned rows included until they left) and samples pruned.
+    generated (the rows each step ran: finished and pruned samples leave the batch) and samples pruned.
     """
 
     sequences: torch.Tensor
@@ -138,8 +138,9 @@ class _Batch:
         self._refresh()
 
 
-def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: int, stats) -> None:
-    """Keep the best ``prune.keep`` of each prompt's rows by the partial score; the rest leave the batch."""
+def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: int, pruned, stats) -> None:
+    """Keep the best ``prune.keep`` of each prompt's rows by the partial score; the rest leave the batch and are
+    marked in ``pruned``."""
     per_prompt = batch.sample_ids.shape[0] // num_prompts
     keep = max(prune.min_keep, math.ceil(per_prompt * prune.keep))
     if keep >= per_prompt:
@@ -147,9 +148,16 @@ def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: in
     partial = compute_scores(prune.score, samples_so_far(batch.sample_ids))
     _, best = select_topk(partial, keep)
     rows = (best.sort(dim=-1).values + torch.arange(num_prompts, device=best.device)[:, None] * per_prompt).flatten()
+    dropped = torch.ones_like(batch.sample_ids, dtype=torch.bool)
+    dropped[rows] = False
+    pruned[batch.sample_ids[dropped]] = True
+    _keep_rows(batch, cache, rows)
+    stats["pruned"] = stats.get("pruned", 0) + (per_prompt - keep) * num_prompts
+
+
+def _keep_rows(batch: _Batch, cache, rows) -> None:
     batch.select(rows)
     cache.select_samples(rows)
-    stats["pruned"] = stats.get("pruned", 0) + (per_prompt - keep) * num_prompts
 
 
 def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, pad_token_id, backend, prune,
@@ -178,6 +186,7 @@ def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, 
     logprobs = torch.zeros((num_samples, max_new_tokens), dtype=torch.float32, device=device)
     lengths = torch.zeros(num_samples, dtype=torch.int64, device=device)
     not_finite = torch.zeros((), dtype=torch.bool, device=device)
+    pruned = torch.zeros(num_samples, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
 
     prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
@@ -212,13 +221,16 @@ def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, 
             if steps % SYNC_EVERY == 0 or steps == max_new_tokens:
                 if bool(not_finite):
                     raise FloatingPointError("the model produced NaN or infinite logits during decoding")
-                if bool(batch.finished.all()):
+                unfinished = (~batch.finished).nonzero().flatten()
+                if unfinished.numel() == 0 or steps == max_new_tokens:
                     break
+                # Finished samples leave the batch while the host looks anyway (pruning keeps equal rows per
+                # prompt, so with pruning they stay until the end).
+                if prune is None and unfinished.numel() < batch.sample_ids.numel():
+                    _keep_rows(batch, cache, unfinished)
             if prune is not None and steps % prune.every == 0 and steps < max_new_tokens:
-                _prune(prune, batch, cache, samples_so_far, num_prompts, stats)
+                _prune(prune, batch, cache, samples_so_far, num_prompts, pruned, stats)
     stats["decode_steps"], stats["tokens_generated"] = steps, tokens_generated
-    pruned = torch.ones(num_samples, dtype=torch.bool, device=device)
-    pruned[batch.sample_ids] = False
     return tokens[:, :steps], logprobs[:, :steps], lengths, pruned
 
 
