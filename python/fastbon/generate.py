@@ -160,10 +160,11 @@ def _keep_rows(batch: _Batch, cache, rows) -> None:
     cache.select_samples(rows)
 
 
-def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, pad_token_id, backend, prune,
-            stats):
+def _decode(model, prompt_ids, prompt_mask, prompts, n, max_new_tokens, params, eos_ids, pad_token_id, backend,
+            prune, stats):
     """Prefill once, then sample n continuations per prompt in lockstep. Returns tokens [N, T], token
-    log-probabilities [N, T], lengths [N] and a pruned flag [N], with N = B·n, samples of one prompt adjacent."""
+    log-probabilities [N, T], lengths [N] and a pruned flag [N], with N = B·n, samples of one prompt adjacent.
+    ``prompts`` are the B prompts without padding, as partial-score callables see them."""
     device = prompt_ids.device
     num_prompts = prompt_ids.shape[0]
     num_samples = num_prompts * n
@@ -188,8 +189,6 @@ def _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params, eos_ids, 
     not_finite = torch.zeros((), dtype=torch.bool, device=device)
     pruned = torch.zeros(num_samples, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
-
-    prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
 
     def samples_so_far(sample_ids):
         ids = sample_ids.view(num_prompts, -1)
@@ -284,11 +283,12 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
                              min_p=min_p, seed=row_seeds.to(device))
     stats = {}
     with torch.no_grad():
-        tokens, logprobs, lengths, pruned = _decode(model, prompt_ids, prompt_mask, n, max_new_tokens, params,
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)]
+        tokens, logprobs, lengths, pruned = _decode(model, prompt_ids, prompt_mask, prompts, n, max_new_tokens, params,
                                                     eos_ids, pad_token_id, backend, prune, stats)
-        samples = Samples(prompts=[ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask, strict=True)],
-                          sequences=tokens.view(num_prompts, n, -1), lengths=lengths.view(num_prompts, n),
-                          token_logprobs=logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
+        samples = Samples(prompts=prompts, sequences=tokens.view(num_prompts, n, -1),
+                          lengths=lengths.view(num_prompts, n), token_logprobs=logprobs.view(num_prompts, n, -1),
+                          pad_token_id=pad_token_id)
         # A pruned sample is unfinished: it ranks below every sample that ran to the end.
         scores = compute_scores(score, samples).masked_fill(pruned.view(num_prompts, n), float("-inf"))
         best_scores, best = select_topk(scores, k, backend=backend)
