@@ -82,10 +82,15 @@ __global__ void prefix_chunk_kernel(const T* __restrict__ q, const T* __restrict
     const float p = lane < length ? __expf(score - maximum) : 0.0f;
     const float sum = warp_sum(p);
     const int64_t slot = (static_cast<int64_t>(sample) * num_q_heads + head) * slots + chunk;
-    for (int d = lane; d < head_dim; d += 32) {
+    // Dims in whole warps: every lane must reach each shuffle, also when head_dim is not a multiple of 32.
+    for (int first = 0; first < head_dim; first += 32) {
+      const int d = first + lane;
       float acc = 0.0f;
-      for (int key = 0; key < length; ++key) acc += __shfl_sync(0xFFFFFFFFu, p, key) * values[key * head_dim + d];
-      partial_out[slot * head_dim + d] = acc / sum;
+      for (int key = 0; key < length; ++key) {
+        const float weight = __shfl_sync(0xFFFFFFFFu, p, key);
+        if (d < head_dim) acc += weight * values[key * head_dim + d];
+      }
+      if (d < head_dim) partial_out[slot * head_dim + d] = acc / sum;
     }
     if (lane == 0) partial_lse[slot] = maximum + __logf(sum);
     __syncwarp();

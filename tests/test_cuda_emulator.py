@@ -1,0 +1,160 @@
+"""The CUDA emulator (csrc/cuda/emulator) that runs the cuda backend's kernels in the CPU tests: it computes warp and
+block collectives right, and it reports the kernel bugs it exists to catch instead of hiding them."""
+
+import ctypes
+
+import cuda_emulator
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
+                                reason=str(cuda_emulator.unavailable_reason()))
+
+# Each kernel has a host entry point `int run_<name>(float* out, int threads, int shared_bytes)` that launches one
+# block and returns the launch status.
+KERNELS = r"""
+#include "device_utils.cuh"
+
+namespace {
+
+__global__ void warp_sums(float* out) {
+  const float total = fastbon::cuda::warp_sum(static_cast<float>(threadIdx.x));
+  out[threadIdx.x] = total;
+}
+
+__global__ void prefix_sums(float* out) {
+  __shared__ float scratch[32];
+  float total;
+  out[threadIdx.x] = fastbon::cuda::block_exclusive_sum(1.0f + threadIdx.x % 3, scratch, &total);
+  out[blockDim.x + threadIdx.x] = total;
+}
+
+// Lanes 0-7 take one more loop trip than the rest, each with a full-mask shuffle: the bug the emulator found in
+// the first CUDA attention kernel for head_dim = 40.
+__global__ void divergent_shuffle(float* out) {
+  float acc = 0.0f;
+  for (int d = threadIdx.x % 32; d < 40; d += 32) acc += __shfl_sync(0xFFFFFFFFu, 1.0f, 0);
+  __syncwarp();
+  out[threadIdx.x] = acc;
+}
+
+// Thread 0 publishes a value the others read with no barrier in between.
+__global__ void missing_barrier(float* out) {
+  extern __shared__ float shared[];
+  if (threadIdx.x == 0) shared[0] = 42.0f;
+  out[threadIdx.x] = shared[0];
+}
+
+__global__ void with_barrier(float* out) {
+  extern __shared__ float shared[];
+  if (threadIdx.x == 0) shared[0] = 42.0f;
+  __syncthreads();
+  out[threadIdx.x] = shared[0];
+}
+
+// Half of warp 0 waits at a shuffle that the other half never reaches.
+__global__ void deadlock(float* out) {
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_sync(0xFFFFFFFFu, 1.0f, 0);
+  else __syncthreads();
+}
+
+__global__ void large_shared(float* out) {
+  extern __shared__ float shared[];
+  shared[threadIdx.x] = 1.0f;
+  out[threadIdx.x] = shared[threadIdx.x];
+}
+
+}  // namespace
+
+#define ENTRY(name, prepare)                                                        \
+  extern "C" int run_##name(float* out, int threads, int shared_bytes) {            \
+    prepare;                                                                        \
+    name<<<1, threads, shared_bytes>>>(out);                                        \
+    return static_cast<int>(cudaGetLastError());                                    \
+  }
+
+ENTRY(warp_sums, )
+ENTRY(prefix_sums, )
+ENTRY(divergent_shuffle, )
+ENTRY(missing_barrier, )
+ENTRY(with_barrier, )
+ENTRY(deadlock, )
+ENTRY(large_shared, )
+extern "C" int run_large_shared_raised(float* out, int threads, int shared_bytes) {
+  cudaFuncSetAttribute(large_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
+  large_shared<<<1, threads, shared_bytes>>>(out);
+  return static_cast<int>(cudaGetLastError());
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("emulator_kernels")
+    source = directory / "emulator_kernels.cu"
+    source.write_text(KERNELS)
+    return cuda_emulator.compile_library(directory, [source], [], "emulator_kernels")
+
+
+def _run(kernels, name, threads, shared_bytes=0, outputs=None):
+    """(out, error message) of one single-block launch; out starts as NaN."""
+    out = torch.full((outputs or 2 * threads,), float("nan"))
+    entry = getattr(kernels, f"run_{name}")
+    entry.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    status = entry(out.data_ptr(), threads, shared_bytes)
+    message = kernels.fastbon_emulated_take_error().decode()
+    assert (status != 0) == bool(message)
+    return out, message
+
+
+def test_translate_rewrites_launches_and_dynamic_shared_memory():
+    source = ("extern __shared__ float shared[];\n"
+              "prefix_kernel<T><<<grid, kWarps * 32, bytes, stream>>>(a, b);\n"
+              "other<<<1, 256>>>(x);")
+    translated = cuda_emulator.translate(source)
+    assert "float* shared = fastbon_emulator::dynamic_shared<float>();" in translated
+    assert "fastbon_emulator::launch(prefix_kernel<T>, grid, kWarps * 32, bytes, stream)(a, b);" in translated
+    assert "fastbon_emulator::launch(other, 1, 256)(x);" in translated
+
+
+def test_warp_and_block_collectives(kernels):
+    out, message = _run(kernels, "warp_sums", 64)
+    assert message == ""
+    assert out[:64].tolist() == [float(sum(range(32)))] * 32 + [float(sum(range(32, 64)))] * 32
+
+    threads = 96
+    out, message = _run(kernels, "prefix_sums", threads)
+    values = 1.0 + torch.arange(threads) % 3
+    assert message == ""
+    assert torch.equal(out[:threads], torch.cumsum(values, 0) - values)
+    assert torch.all(out[threads:] == values.sum())
+
+
+def test_lanes_on_different_collectives_are_an_error(kernels):
+    _, message = _run(kernels, "divergent_shuffle", 32)
+    assert "diverged" in message
+
+
+def test_a_missing_barrier_shows_and_the_barrier_fixes_it(kernels):
+    out, message = _run(kernels, "missing_barrier", 128, shared_bytes=4)
+    assert message == ""
+    assert torch.isnan(out[:128]).any(), "some thread read shared memory before thread 0 wrote it"
+    out, message = _run(kernels, "with_barrier", 128, shared_bytes=4)
+    assert message == "" and torch.all(out[:128] == 42.0)
+
+
+def test_deadlock_is_reported(kernels):
+    _, message = _run(kernels, "deadlock", 64)
+    assert "deadlock" in message
+    out, message = _run(kernels, "warp_sums", 32)  # the emulator recovers for the next launch
+    assert message == "" and out[0] == sum(range(32))
+
+
+def test_shared_memory_limits(kernels):
+    big = 64 * 1024
+    _, message = _run(kernels, "large_shared", 128, shared_bytes=big)
+    assert "exceeds the 49152-byte limit" in message
+    out, message = _run(kernels, "large_shared_raised", 128, shared_bytes=big)
+    assert message == "" and torch.all(out[:128] == 1.0)
+    _, message = _run(kernels, "large_shared", 2048)
+    assert "invalid block size" in message
