@@ -81,7 +81,7 @@ def build(directory: Path) -> ctypes.CDLL:
 def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
     library.fastbon_emulated_attention_workspace_bytes.restype = ctypes.c_size_t
-    library.fastbon_emulated_attention_workspace_bytes.argtypes = [i64] * 4
+    library.fastbon_emulated_attention_workspace_bytes.argtypes = [i32] + [i64] * 4
     library.fastbon_emulated_shared_prefix_attention.argtypes = [i32] + [pointer] * 9 + [i64] * 7 + [f32, pointer]
     library.fastbon_emulated_sample.argtypes = [i32, pointer, i64] + [pointer] * 7 + [i64, pointer, pointer]
     library.fastbon_emulated_select_topk.argtypes = [i32, pointer, i64, i64, i64, pointer, pointer]
@@ -104,8 +104,8 @@ class EmulatedCudaBackend:
         out = new_output(q.shape, q.dtype, q.device)
         num_samples, num_q_heads, head_dim = q.shape
         num_prompts, num_kv_heads, prefix_max, _ = prefix_k.shape
-        workspace_bytes = self.library.fastbon_emulated_attention_workspace_bytes(num_samples, num_q_heads, head_dim,
-                                                                                  prefix_max)
+        workspace_bytes = self.library.fastbon_emulated_attention_workspace_bytes(
+            _DTYPE_CODES[q.dtype], num_samples, num_q_heads, head_dim, prefix_max)
         workspace = new_output((workspace_bytes // 4 + 1,), torch.float32, q.device)
         status = self.library.fastbon_emulated_shared_prefix_attention(
             _DTYPE_CODES[q.dtype], *(t.data_ptr() for t in (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v,

@@ -58,6 +58,12 @@ __global__ void deadlock(float* out) {
   else __syncthreads();
 }
 
+__global__ void shared_overflow(float* out) {
+  extern __shared__ float shared[];
+  shared[threadIdx.x] = 1.0f;  // the launch gives one float fewer than there are threads
+  out[threadIdx.x] = 0.0f;
+}
+
 __global__ void large_shared(float* out) {
   extern __shared__ float shared[];
   shared[threadIdx.x] = 1.0f;
@@ -79,6 +85,7 @@ ENTRY(divergent_shuffle, )
 ENTRY(missing_barrier, )
 ENTRY(with_barrier, )
 ENTRY(deadlock, )
+ENTRY(shared_overflow, )
 ENTRY(large_shared, )
 extern "C" int run_large_shared_raised(float* out, int threads, int shared_bytes) {
   cudaFuncSetAttribute(large_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
@@ -158,3 +165,5 @@ def test_shared_memory_limits(kernels):
     assert message == "" and torch.all(out[:128] == 1.0)
     _, message = _run(kernels, "large_shared", 2048)
     assert "invalid block size" in message
+    _, message = _run(kernels, "shared_overflow", 64, shared_bytes=63 * 4)
+    assert "past the end" in message

@@ -24,7 +24,7 @@ void shared_prefix_attention_cuda(const at::Tensor& q, const at::Tensor& prefix_
   const DType dtype = dtype_of(q, "q", {DType::kFloat32, DType::kBFloat16, DType::kFloat16});
   TORCH_CHECK(q.size(2) <= cuda::kMaxHeadDim, "fastbon: the CUDA kernel takes head_dim <= ", cuda::kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());
-  const size_t bytes = cuda::shared_prefix_attention_workspace_bytes(q.size(0), q.size(1), q.size(2),
+  const size_t bytes = cuda::shared_prefix_attention_workspace_bytes(dtype, q.size(0), q.size(1), q.size(2),
                                                                      prefix_k.size(2));
   const at::Tensor workspace =
       at::empty({static_cast<int64_t>(bytes / sizeof(float)) + 1}, q.options().dtype(at::kFloat));

@@ -1,10 +1,13 @@
 // Shared-prefix decode attention on CUDA: split-K over prefix chunks, then suffix + merge.
 //
-// Pass 1, grid (prefix chunk, KV head, prompt): the block stages one chunk of kAttentionChunk prefix keys and values
-// in shared memory once, finds the prompt's samples in sample_to_prompt (no grouping assumed), and every warp takes
-// query rows (sample, q head of this KV head) in turn: lane j scores key j, a warp softmax, then lanes own output
-// dimensions. It writes each row's normalised partial output and log-sum-exp. The prefix is read from global memory
-// once per step, whatever the number of samples.
+// Pass 1, grid (prefix chunk, KV head, prompt): the block stages one chunk of prefix keys and values in shared
+// memory once (in their own dtype), finds the prompt's samples in sample_to_prompt (no grouping assumed), and every
+// warp takes query rows (sample, q head of this KV head) in turn: an online softmax over the chunk in tiles of 32
+// keys (lane j scores key j of the tile), with the lanes owning output dimensions. It writes each row's normalised
+// partial output and log-sum-exp. The prefix is read from global memory once per step, whatever the number of
+// samples; the chunk is as long as the shared-memory budget allows, because the partials cost
+// 2 x rows x chunks x head_dim x 4 bytes of traffic (at P = 4096, 256 query rows per KV head, bf16: 128-key chunks
+// make that 2x the prefix bytes; the first version's 32-key chunks made it 8x).
 // Pass 2, one warp per (sample, q head): online softmax over the sample's suffix keys, merged with the prefix
 // partials by their log-sum-exp (FlashInfer's merge_state); no keys gives zeros.
 #include <cfloat>
@@ -17,6 +20,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kMaxPerLane = kMaxHeadDim / 32;
+constexpr size_t kStagingBudget = 80 * 1024;  // bytes of keys + values per block: fits every sm_80+ part
 
 // Running softmax state of one query row held by a warp: lane l owns output dims l, l + 32, ...
 struct RowState {
@@ -33,29 +37,46 @@ __device__ __forceinline__ void rescale(RowState& state, float new_maximum) {
   state.maximum = new_maximum;
 }
 
+// Keys are staged with a row stride of head_dim plus 4 bytes: an odd number of 4-byte words whenever head_dim is
+// even, so lane j reading key row j hits a distinct bank.
+template <typename T>
+constexpr int kKeyPadding = static_cast<int>(4 / sizeof(T));
+
+template <typename T>
+size_t staging_bytes(int64_t chunk_keys, int64_t head_dim) {
+  return static_cast<size_t>(chunk_keys * (2 * head_dim + kKeyPadding<T>)) * sizeof(T);
+}
+
+// The longest chunk (a multiple of the 32-key tile) whose keys and values fit the staging budget.
+template <typename T>
+int64_t chunk_keys_for(int64_t head_dim) {
+  for (int64_t keys : {128, 64}) if (staging_bytes<T>(keys, head_dim) <= kStagingBudget) return keys;
+  return 32;
+}
+
 template <typename T>
 __global__ void prefix_chunk_kernel(const T* __restrict__ q, const T* __restrict__ prefix_k,
                                     const T* __restrict__ prefix_v, const int32_t* __restrict__ prefix_lens,
                                     const int32_t* __restrict__ sample_to_prompt, float* __restrict__ partial_out,
                                     float* __restrict__ partial_lse, int num_samples, int num_q_heads,
-                                    int num_kv_heads, int head_dim, int prefix_max, int slots, float scale) {
+                                    int num_kv_heads, int head_dim, int prefix_max, int chunk_keys, int slots,
+                                    float scale) {
   extern __shared__ float shared[];
   const int chunk = blockIdx.x, kv_head = blockIdx.y, prompt = blockIdx.z;
-  const int start = chunk * kAttentionChunk;
-  const int length = min(static_cast<int>(kAttentionChunk), prefix_lens[prompt] - start);
+  const int start = chunk * chunk_keys;
+  const int length = min(chunk_keys, prefix_lens[prompt] - start);
   if (length <= 0) return;
-  const int key_stride = head_dim + 1;  // odd stride: lane j reading row j hits distinct banks
-  float* keys = shared;                                   // [chunk, head_dim + 1]
-  float* values = keys + kAttentionChunk * key_stride;    // [chunk, head_dim]
-  float* queries = values + kAttentionChunk * head_dim;   // [kWarps, head_dim]
-  int* members = reinterpret_cast<int*>(queries + kWarps * head_dim);  // this prompt's samples
+  const int key_stride = head_dim + kKeyPadding<T>;
+  float* queries = shared;                                                   // [kWarps, head_dim]
+  int* members = reinterpret_cast<int*>(queries + kWarps * head_dim);        // this prompt's samples
+  T* keys = reinterpret_cast<T*>(members + num_samples + (num_samples & 1));  // [chunk, key_stride], 8-byte aligned
+  T* values = keys + chunk_keys * key_stride;                                // [chunk, head_dim]
   __shared__ int member_count;
 
   const int64_t base = ((static_cast<int64_t>(prompt) * num_kv_heads + kv_head) * prefix_max + start) * head_dim;
   for (int index = threadIdx.x; index < length * head_dim; index += blockDim.x) {
-    const int key = index / head_dim, d = index % head_dim;
-    keys[key * key_stride + d] = to_float(prefix_k[base + index]);
-    values[index] = to_float(prefix_v[base + index]);
+    keys[index / head_dim * key_stride + index % head_dim] = prefix_k[base + index];
+    values[index] = prefix_v[base + index];
   }
   if (threadIdx.x == 0) {
     int count = 0;
@@ -73,26 +94,39 @@ __global__ void prefix_chunk_kernel(const T* __restrict__ q, const T* __restrict
     const T* source = q + (static_cast<int64_t>(sample) * num_q_heads + head) * head_dim;
     for (int d = lane; d < head_dim; d += 32) query[d] = to_float(source[d]) * scale;
     __syncwarp();
-    float score = -INFINITY;
-    if (lane < length) {
-      score = 0.0f;
-      for (int d = 0; d < head_dim; ++d) score += query[d] * keys[lane * key_stride + d];
-    }
-    const float maximum = warp_max(score);
-    const float p = lane < length ? __expf(score - maximum) : 0.0f;
-    const float sum = warp_sum(p);
-    const int64_t slot = (static_cast<int64_t>(sample) * num_q_heads + head) * slots + chunk;
-    // Dims in whole warps: every lane must reach each shuffle, also when head_dim is not a multiple of 32.
-    for (int first = 0; first < head_dim; first += 32) {
-      const int d = first + lane;
-      float acc = 0.0f;
-      for (int key = 0; key < length; ++key) {
-        const float weight = __shfl_sync(0xFFFFFFFFu, p, key);
-        if (d < head_dim) acc += weight * values[key * head_dim + d];
+    RowState state;
+    state.maximum = -INFINITY;
+    state.sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) state.acc[i] = 0.0f;
+    for (int tile = 0; tile < length; tile += 32) {  // uniform over the warp: every lane reaches each shuffle
+      const int key = tile + lane, tile_keys = min(32, length - tile);
+      float score = -INFINITY;
+      if (key < length) {
+        score = 0.0f;
+        for (int d = 0; d < head_dim; ++d) score += query[d] * to_float(keys[key * key_stride + d]);
       }
-      if (d < head_dim) partial_out[slot * head_dim + d] = acc / sum;
+      const float tile_max = warp_max(score);  // finite: the tile holds at least one key
+      if (tile_max > state.maximum) rescale(state, tile_max);
+      const float p = key < length ? __expf(score - state.maximum) : 0.0f;
+      state.sum += warp_sum(p);
+      for (int j = 0; j < tile_keys; ++j) {
+        const float weight = __shfl_sync(0xFFFFFFFFu, p, j);
+        const T* value_row = values + (tile + j) * head_dim;
+#pragma unroll
+        for (int i = 0; i < kMaxPerLane; ++i) {
+          const int d = lane + 32 * i;
+          if (d < head_dim) state.acc[i] += weight * to_float(value_row[d]);
+        }
+      }
     }
-    if (lane == 0) partial_lse[slot] = maximum + __logf(sum);
+    const int64_t slot = (static_cast<int64_t>(sample) * num_q_heads + head) * slots + chunk;
+#pragma unroll
+    for (int i = 0; i < kMaxPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < head_dim) partial_out[slot * head_dim + d] = state.acc[i] / state.sum;
+    }
+    if (lane == 0) partial_lse[slot] = state.maximum + __logf(state.sum);
     __syncwarp();
   }
 }
@@ -105,7 +139,7 @@ __global__ void suffix_merge_kernel(const T* __restrict__ q, const T* __restrict
                                     const int32_t* __restrict__ sample_to_prompt,
                                     const float* __restrict__ partial_out, const float* __restrict__ partial_lse,
                                     T* __restrict__ out, int num_samples, int num_q_heads, int num_kv_heads,
-                                    int head_dim, int suffix_max, int slots, float scale) {
+                                    int head_dim, int suffix_max, int chunk_keys, int slots, float scale) {
   const int lane = threadIdx.x % 32;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (row >= static_cast<int64_t>(num_samples) * num_q_heads) return;
@@ -145,8 +179,7 @@ __global__ void suffix_merge_kernel(const T* __restrict__ q, const T* __restrict
     }
   }
   // Each prefix chunk's partial acts as one "key" with score lse and value its normalised output.
-  const int used_chunks = static_cast<int>((prefix_lens[sample_to_prompt[sample]] + kAttentionChunk - 1) /
-                                           kAttentionChunk);
+  const int used_chunks = (prefix_lens[sample_to_prompt[sample]] + chunk_keys - 1) / chunk_keys;
   for (int chunk = 0; chunk < used_chunks; ++chunk) {
     const int64_t slot = row * slots + chunk;
     const float lse = partial_lse[slot];
@@ -167,11 +200,21 @@ __global__ void suffix_merge_kernel(const T* __restrict__ q, const T* __restrict
   }
 }
 
+// The number of prefix chunks of pass 1 (and so of partials per query row).
+int64_t prefix_slots(DType dtype, int64_t head_dim, int64_t prefix_max) {
+  int64_t chunk_keys = 32;
+  dispatch_half_types(dtype, [&](auto element) {
+    chunk_keys = chunk_keys_for<decltype(element)>(head_dim);
+    return cudaSuccess;
+  });
+  return (prefix_max + chunk_keys - 1) / chunk_keys;
+}
+
 }  // namespace
 
-size_t shared_prefix_attention_workspace_bytes(int64_t num_samples, int64_t num_q_heads, int64_t head_dim,
-                                               int64_t prefix_max) {
-  const int64_t slots = (prefix_max + kAttentionChunk - 1) / kAttentionChunk;
+size_t shared_prefix_attention_workspace_bytes(DType dtype, int64_t num_samples, int64_t num_q_heads,
+                                               int64_t head_dim, int64_t prefix_max) {
+  const int64_t slots = prefix_slots(dtype, head_dim, prefix_max);
   return static_cast<size_t>(num_samples * num_q_heads * slots * (head_dim + 1)) * sizeof(float);
 }
 
@@ -182,15 +225,16 @@ cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* pref
                                     int64_t num_kv_heads, int64_t head_dim, int64_t prefix_max, int64_t suffix_max,
                                     float scale, void* workspace, cudaStream_t stream) {
   if (head_dim > kMaxHeadDim || head_dim <= 0) return cudaErrorInvalidValue;
-  const int64_t slots = (prefix_max + kAttentionChunk - 1) / kAttentionChunk;
-  float* partial_out = static_cast<float*>(workspace);
-  float* partial_lse = partial_out + num_samples * num_q_heads * slots * head_dim;
   const int64_t rows = num_samples * num_q_heads;
   return dispatch_half_types(dtype, [&](auto element) {
     using T = decltype(element);
+    const int64_t chunk_keys = chunk_keys_for<T>(head_dim);
+    const int64_t slots = (prefix_max + chunk_keys - 1) / chunk_keys;
+    float* partial_out = static_cast<float*>(workspace);
+    float* partial_lse = partial_out + rows * slots * head_dim;
     if (slots > 0 && num_samples > 0) {
-      const size_t shared_bytes = (kAttentionChunk * (2 * head_dim + 1) + kWarps * head_dim) * sizeof(float) +
-                                  num_samples * sizeof(int);
+      const size_t shared_bytes = kWarps * head_dim * sizeof(float) + (num_samples + 1) * sizeof(int) +
+                                  staging_bytes<T>(chunk_keys, head_dim);
       cudaError_t status = cudaFuncSetAttribute(prefix_chunk_kernel<T>,
                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                 static_cast<int>(shared_bytes));
@@ -201,7 +245,7 @@ cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* pref
           static_cast<const T*>(q), static_cast<const T*>(prefix_k), static_cast<const T*>(prefix_v), prefix_lens,
           sample_to_prompt, partial_out, partial_lse, static_cast<int>(num_samples), static_cast<int>(num_q_heads),
           static_cast<int>(num_kv_heads), static_cast<int>(head_dim), static_cast<int>(prefix_max),
-          static_cast<int>(slots), scale);
+          static_cast<int>(chunk_keys), static_cast<int>(slots), scale);
     }
     if (rows > 0) {
       const unsigned blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
@@ -209,7 +253,8 @@ cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* pref
           static_cast<const T*>(q), static_cast<const T*>(suffix_k), static_cast<const T*>(suffix_v), prefix_lens,
           suffix_lens, sample_to_prompt, partial_out, partial_lse, static_cast<T*>(out),
           static_cast<int>(num_samples), static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
-          static_cast<int>(head_dim), static_cast<int>(suffix_max), static_cast<int>(slots), scale);
+          static_cast<int>(head_dim), static_cast<int>(suffix_max), static_cast<int>(chunk_keys),
+          static_cast<int>(slots), scale);
     }
     return cudaGetLastError();
   });

@@ -12,12 +12,12 @@
 
 namespace fastbon::cuda {
 
-constexpr int64_t kAttentionChunk = 32;  // prefix keys per block of the split-K pass
 constexpr int64_t kMaxHeadDim = 256;
 
-// Float32 workspace the attention launcher needs: a partial output and log-sum-exp per (query row, prefix chunk).
-size_t shared_prefix_attention_workspace_bytes(int64_t num_samples, int64_t num_q_heads, int64_t head_dim,
-                                               int64_t prefix_max);
+// Float32 workspace the attention launcher needs: a partial output and log-sum-exp per (query row, prefix chunk);
+// the chunk length depends on the element type and head_dim.
+size_t shared_prefix_attention_workspace_bytes(DType dtype, int64_t num_samples, int64_t num_q_heads,
+                                               int64_t head_dim, int64_t prefix_max);
 
 // dtype: float32, float16 or bfloat16. head_dim <= kMaxHeadDim.
 cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* prefix_k, const void* prefix_v,

@@ -19,9 +19,10 @@ int finish(cudaError_t status) {
 
 extern "C" {
 
-size_t fastbon_emulated_attention_workspace_bytes(int64_t num_samples, int64_t num_q_heads, int64_t head_dim,
-                                                  int64_t prefix_max) {
-  return fastbon::cuda::shared_prefix_attention_workspace_bytes(num_samples, num_q_heads, head_dim, prefix_max);
+size_t fastbon_emulated_attention_workspace_bytes(int32_t dtype, int64_t num_samples, int64_t num_q_heads,
+                                                  int64_t head_dim, int64_t prefix_max) {
+  return fastbon::cuda::shared_prefix_attention_workspace_bytes(static_cast<fastbon::DType>(dtype), num_samples,
+                                                                num_q_heads, head_dim, prefix_max);
 }
 
 int fastbon_emulated_shared_prefix_attention(int32_t dtype, const void* q, const void* prefix_k,

@@ -13,7 +13,8 @@
 //   - a barrier that can never complete (deadlock);
 //   - block size, grid size and dynamic shared memory against the hardware limits, the 48 KiB default for dynamic
 //     shared memory included unless cudaFuncSetAttribute raised it;
-//   - dynamic shared memory starts as NaN bytes, so a read before a write shows.
+//   - dynamic shared memory starts as NaN bytes, so a read before a write shows; a write past its end (into a guard
+//     zone) is an error.
 // What it does not model: timing, memory coalescing, bank conflicts, the weak memory model, and warp-synchronous
 // code that relies on lanes running in lockstep without a collective.
 #pragma once
@@ -61,6 +62,8 @@ constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr size_t kDefaultDynamicShared = 48 * 1024;
 constexpr size_t kMaxDynamicShared = 227 * 1024;  // sm_90 opt-in limit
 constexpr size_t kFiberStack = 256 * 1024;
+constexpr size_t kSharedGuard = 4096;  // bytes after the dynamic shared memory that must stay untouched
+constexpr unsigned char kGuardByte = 0xA5;
 
 enum class Collective { kNone, kSyncWarp, kShuffle };
 
@@ -222,6 +225,7 @@ inline bool run_block(const dim3& block_dim, size_t dynamic_shared) {
   block.block = Barrier{};
   block.block.expected = threads;
   block.dynamic_shared.assign(dynamic_shared, 0xFF);  // NaN as float, -1 as int: reads before writes show
+  block.dynamic_shared.resize(dynamic_shared + kSharedGuard, kGuardByte);
   for (int t = 0; t < threads; ++t) {
     Fiber& fiber = block.fibers[t];
     fiber.done = false;
@@ -246,6 +250,11 @@ inline bool run_block(const dim3& block_dim, size_t dynamic_shared) {
       fail("deadlock: the threads of a block wait at barriers that cannot complete");
       return false;  // the stuck fibers are abandoned; their stacks are reused by the next launch
     }
+  }
+  if (std::any_of(block.dynamic_shared.begin() + dynamic_shared, block.dynamic_shared.end(),
+                  [](unsigned char byte) { return byte != kGuardByte; })) {
+    fail("a write past the end of the block's " + std::to_string(dynamic_shared) + " bytes of dynamic shared memory");
+    return false;
   }
   return true;
 }
