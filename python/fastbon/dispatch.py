@@ -18,10 +18,13 @@ BACKENDS = ("torch", "triton", "cpu", "cuda")
 OPS = ("shared_prefix_attention", "sample", "select_topk")
 
 # Default order per device. On CPU tensors the C++ op is the default once it measured faster than torch
-# (benchmarks/RESULTS.md); on CUDA tensors the order is a placeholder until gpu_check.sh has timed both.
+# (benchmarks/RESULTS.md). On CUDA tensors the order is provisional until gpu_check.sh has timed both: attention
+# prefers triton, whose prefix pass runs on tensor cores (4.3 GFLOP per layer-step at P=4096, n=64, Hq=32, D=128,
+# compute-bound on the CUDA kernel's CUDA cores); the other ops prefer the CUDA kernels.
 _DEFAULT_ORDER = {
     "cpu": {op: ("cpu", "torch") for op in OPS},
-    "cuda": {op: ("cuda", "triton", "torch") for op in OPS},
+    "cuda": {op: ("cuda", "triton", "torch") for op in OPS} | {
+        "shared_prefix_attention": ("triton", "cuda", "torch")},
 }
 
 # Backends whose kernels accumulate in float32 and refuse float64 inputs.
