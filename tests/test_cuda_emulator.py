@@ -38,6 +38,13 @@ __global__ void divergent_shuffle(float* out) {
   out[threadIdx.x] = acc;
 }
 
+// The same divergence, where the short lanes go on to a different shuffle instead of a __syncwarp.
+__global__ void divergent_shuffles(float* out) {
+  float acc = 0.0f;
+  for (int d = threadIdx.x % 32; d < 40; d += 32) acc += __shfl_sync(0xFFFFFFFFu, 1.0f, 0);
+  out[threadIdx.x] = __shfl_xor_sync(0xFFFFFFFFu, acc, 1);
+}
+
 // Thread 0 publishes a value the others read with no barrier in between.
 __global__ void missing_barrier(float* out) {
   extern __shared__ float shared[];
@@ -82,6 +89,7 @@ __global__ void large_shared(float* out) {
 ENTRY(warp_sums, )
 ENTRY(prefix_sums, )
 ENTRY(divergent_shuffle, )
+ENTRY(divergent_shuffles, )
 ENTRY(missing_barrier, )
 ENTRY(with_barrier, )
 ENTRY(deadlock, )
@@ -138,8 +146,9 @@ def test_warp_and_block_collectives(kernels):
 
 
 def test_lanes_on_different_collectives_are_an_error(kernels):
-    _, message = _run(kernels, "divergent_shuffle", 32)
-    assert "diverged" in message
+    for name in ("divergent_shuffle", "divergent_shuffles"):
+        _, message = _run(kernels, name, 32)
+        assert "diverged onto different warp collectives" in message, name
 
 
 def test_a_missing_barrier_shows_and_the_barrier_fixes_it(kernels):

@@ -8,8 +8,9 @@
 // OS thread that switch only at a barrier (__syncthreads, __syncwarp, a warp shuffle). Between barriers the threads
 // of a block run in a shuffled order that changes at every barrier, so code that relies on an order the hardware
 // does not promise tends to give wrong answers here too. What the emulator checks, and reports as a launch error:
-//   - every lane of a warp reaches the same warp collective (a full-mask shuffle or __syncwarp): lanes that diverged
-//     onto different collectives, or a collective after some lanes exited, is an error (undefined on the GPU);
+//   - every lane of a warp reaches the same warp collective (a full-mask shuffle or __syncwarp, told apart by the
+//     source line that calls it): lanes that diverged onto different collectives, or a collective after some lanes
+//     exited, is an error (undefined on the GPU);
 //   - a barrier that can never complete (deadlock);
 //   - block size, grid size and dynamic shared memory against the hardware limits, the 48 KiB default for dynamic
 //     shared memory included unless cudaFuncSetAttribute raised it;
@@ -65,13 +66,19 @@ constexpr size_t kFiberStack = 256 * 1024;
 constexpr size_t kSharedGuard = 4096;  // bytes after the dynamic shared memory that must stay untouched
 constexpr unsigned char kGuardByte = 0xA5;
 
-enum class Collective { kNone, kSyncWarp, kShuffle };
+// Where a thread waits: the source line of the collective (the intrinsic's call site).
+struct Site {
+  const char* file = "";
+  int line = 0;
+  bool operator!=(const Site& other) const { return line != other.line || std::strcmp(file, other.file) != 0; }
+  std::string text() const { return std::string(file) + ":" + std::to_string(line); }
+};
 
 struct Barrier {
   int arrived = 0;
   int expected = 0;
   unsigned generation = 0;
-  Collective kind = Collective::kNone;  // what the first lane to arrive is doing
+  Site site;  // where the first thread to arrive in this generation waits
 };
 
 struct Fiber {
@@ -123,10 +130,11 @@ inline void yield_to_scheduler() {
 }
 
 // Arrive at a barrier and wait (switching to other threads) until every live participant has arrived.
-inline void wait_at(Barrier& barrier, Collective kind) {
+inline void wait_at(Barrier& barrier, Site site) {
   Block& block = state().block;
-  if (barrier.arrived == 0) barrier.kind = kind;
-  else if (barrier.kind != kind) fail("lanes of a warp diverged onto different warp collectives");
+  if (barrier.arrived == 0) barrier.site = site;
+  else if (barrier.site != site)
+    fail("lanes of a warp diverged onto different warp collectives: " + barrier.site.text() + " and " + site.text());
   const unsigned generation = barrier.generation;
   if (++barrier.arrived == barrier.expected) {
     barrier.arrived = 0;
@@ -156,16 +164,16 @@ inline void check_full_mask(unsigned mask) {
 }
 
 template <typename T>
-T shuffle(T value, int source_lane) {
+T shuffle(T value, int source_lane, Site site) {
   static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>, "shuffle of a wide type");
   Block& block = state().block;
   const int rank = thread_rank(), warp = rank / 32, lane = rank % 32;
   Barrier& barrier = warp_barrier();
   std::memcpy(&block.exchange[warp][lane], &value, sizeof(T));
-  wait_at(barrier, Collective::kShuffle);  // every lane has published its value
+  wait_at(barrier, site);  // every lane has published its value
   T result;
   std::memcpy(&result, &block.exchange[warp][source_lane & 31], sizeof(T));
-  wait_at(barrier, Collective::kShuffle);  // every lane has read before the slots are reused
+  wait_at(barrier, site);  // every lane has read before the slots are reused
   return result;
 }
 
@@ -332,33 +340,36 @@ cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute at
 
 // ---- device intrinsics ----
 
-inline void __syncthreads() { fastbon_emulator::wait_at(fastbon_emulator::state().block.block,
-                                                        fastbon_emulator::Collective::kNone); }
+// Each collective takes its call site as defaulted arguments, which the caller's line fills in.
+#define FASTBON_EMULATOR_SITE const char *file = __builtin_FILE(), int line = __builtin_LINE()
 
-inline void __syncwarp(unsigned mask = 0xFFFFFFFFu) {
-  using namespace fastbon_emulator;
-  check_full_mask(mask);
-  wait_at(warp_barrier(), Collective::kSyncWarp);
+inline void __syncthreads(FASTBON_EMULATOR_SITE) {
+  fastbon_emulator::wait_at(fastbon_emulator::state().block.block, {file, line});
+}
+
+inline void __syncwarp(unsigned mask = 0xFFFFFFFFu, FASTBON_EMULATOR_SITE) {
+  fastbon_emulator::check_full_mask(mask);
+  fastbon_emulator::wait_at(fastbon_emulator::warp_barrier(), {file, line});
 }
 
 template <typename T>
-T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
+T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32, FASTBON_EMULATOR_SITE) {
   fastbon_emulator::check_full_mask(mask);
   if (width != 32) fastbon_emulator::fail("the emulator supports shuffles of width 32 only");
-  return fastbon_emulator::shuffle(value, source_lane);
+  return fastbon_emulator::shuffle(value, source_lane, {file, line});
 }
 
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32, FASTBON_EMULATOR_SITE) {
   const int lane = fastbon_emulator::thread_rank() % 32;
-  return __shfl_sync(mask, value, lane ^ lane_mask, width);
+  return __shfl_sync(mask, value, lane ^ lane_mask, width, file, line);
 }
 
 template <typename T>
-T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
+T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32, FASTBON_EMULATOR_SITE) {
   const int lane = fastbon_emulator::thread_rank() % 32;
-  const T shifted = __shfl_sync(mask, value, lane - static_cast<int>(delta) < 0 ? lane : lane - delta, width);
-  return shifted;
+  const int source = lane - static_cast<int>(delta) < 0 ? lane : lane - static_cast<int>(delta);
+  return __shfl_sync(mask, value, source, width, file, line);
 }
 
 // One thread runs at a time, so read-modify-write is atomic.
