@@ -219,6 +219,33 @@ def test_pruning_keeps_the_oracle_best_and_saves_work():
         fastbon.generate(model, prompts, prune=0.5)
 
 
+def test_finished_samples_leave_the_batch_under_pruning():
+    """Pruning ranks all samples not pruned yet, finished ones included, while finished rows leave the batch at
+    the flag reads: each sample ran for its own length if unfinished (pruned or not), else until the first flag
+    read after its EOS. With an exact partial score the best sample still survives."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
+    n, steps = 8, 4 * SYNC_EVERY
+    free = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True)
+    eos = int(torch.mode(free.all_sequences[:, :, :SYNC_EVERY].flatten()).values)
+    full = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True, eos_token_id=eos)
+
+    def exact_final_score(samples):
+        return full.all_scores.gather(1, samples.sample_ids)
+
+    pruned = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True, eos_token_id=eos,
+                              prune=fastbon.Pruning(every=SYNC_EVERY, keep=0.5, score=exact_final_score))
+    assert torch.equal(pruned.indices, full.indices) and torch.equal(pruned.sequences, full.sequences)
+    lengths = pruned.all_lengths.flatten()
+    last = pruned.all_sequences.flatten(0, 1).gather(1, (lengths - 1).clamp(min=0)[:, None]).flatten()
+    finished = (lengths > 0) & (last == eos)
+    flag_read = (lengths + SYNC_EVERY - 1) // SYNC_EVERY * SYNC_EVERY
+    rows = torch.where(finished, flag_read.clamp(max=pruned.stats["decode_steps"]), lengths)
+    assert pruned.stats["tokens_generated"] == rows.sum().item()
+    survived_finished = finished & (pruned.all_scores.flatten() > float("-inf")) & (flag_read < steps)
+    assert survived_finished.any(), "some finished sample outlived a checkpoint, so staying in the batch would show"
+
+
 def test_every_backend_end_to_end(backend_device):
     """The HF re-scoring check with every op on one backend (Triton runs in its interpreter on CPU)."""
     backend, device = backend_device

@@ -116,8 +116,8 @@ def _special_ids(model, eos_token_id):
 class _Batch:
     """The rows still decoding: per-row state that shrinks together when pruning drops samples.
 
-    ``sample_ids`` maps each row to its sample (prompt-major, so a prompt's rows stay adjacent and each prompt
-    keeps the same number of rows); the result buffers are indexed by it and never shrink.
+    ``sample_ids`` maps each row to its sample (prompt-major, so a prompt's rows stay adjacent; prompts hold
+    different numbers of rows once samples finish); the result buffers are indexed by it and never shrink.
     """
 
     def __init__(self, sample_ids, next_position, params):
@@ -138,21 +138,23 @@ class _Batch:
         self._refresh()
 
 
-def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: int, pruned, stats) -> None:
-    """Keep the best ``prune.keep`` of each prompt's rows by the partial score; the rest leave the batch and are
-    marked in ``pruned``."""
-    per_prompt = batch.sample_ids.shape[0] // num_prompts
+def _prune(prune: Pruning, batch: _Batch, cache, samples_so_far, num_prompts: int, candidates, pruned, stats):
+    """Keep the best ``prune.keep`` of each prompt's candidates (its samples not pruned yet, finished or not; the
+    same number for every prompt) by the partial score; the others are marked in ``pruned`` and their rows leave
+    the batch. Returns the new candidates."""
+    per_prompt = candidates.shape[0] // num_prompts
     keep = max(prune.min_keep, math.ceil(per_prompt * prune.keep))
     if keep >= per_prompt:
-        return
-    partial = compute_scores(prune.score, samples_so_far(batch.sample_ids))
+        return candidates
+    partial = compute_scores(prune.score, samples_so_far(candidates))
     _, best = select_topk(partial, keep)
-    rows = (best.sort(dim=-1).values + torch.arange(num_prompts, device=best.device)[:, None] * per_prompt).flatten()
-    dropped = torch.ones_like(batch.sample_ids, dtype=torch.bool)
-    dropped[rows] = False
-    pruned[batch.sample_ids[dropped]] = True
-    _keep_rows(batch, cache, rows)
+    kept = candidates.view(num_prompts, per_prompt).gather(1, best.sort(dim=-1).values).flatten()
+    is_kept = torch.zeros_like(pruned)
+    is_kept[kept] = True
+    pruned[candidates[~is_kept[candidates]]] = True
+    _keep_rows(batch, cache, is_kept[batch.sample_ids].nonzero().flatten())
     stats["pruned"] = stats.get("pruned", 0) + (per_prompt - keep) * num_prompts
+    return kept
 
 
 def _keep_rows(batch: _Batch, cache, rows) -> None:
@@ -188,6 +190,7 @@ def _decode(model, prompt_ids, prompt_mask, prompts, n, max_new_tokens, params, 
     lengths = torch.zeros(num_samples, dtype=torch.int64, device=device)
     not_finite = torch.zeros((), dtype=torch.bool, device=device)
     pruned = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    candidates = torch.arange(num_samples, device=device)  # samples not pruned: what pruning ranks
     eos = torch.tensor(eos_ids, dtype=torch.int64, device=device)
 
     def samples_so_far(sample_ids):
@@ -223,12 +226,11 @@ def _decode(model, prompt_ids, prompt_mask, prompts, n, max_new_tokens, params, 
                 unfinished = (~batch.finished).nonzero().flatten()
                 if unfinished.numel() == 0 or steps == max_new_tokens:
                     break
-                # Finished samples leave the batch while the host looks anyway (pruning keeps equal rows per
-                # prompt, so with pruning they stay until the end).
-                if prune is None and unfinished.numel() < batch.sample_ids.numel():
+                # Finished samples leave the batch while the host looks anyway.
+                if unfinished.numel() < batch.sample_ids.numel():
                     _keep_rows(batch, cache, unfinished)
             if prune is not None and steps % prune.every == 0 and steps < max_new_tokens:
-                _prune(prune, batch, cache, samples_so_far, num_prompts, pruned, stats)
+                candidates = _prune(prune, batch, cache, samples_so_far, num_prompts, candidates, pruned, stats)
     stats["decode_steps"], stats["tokens_generated"] = steps, tokens_generated
     return tokens[:, :steps], logprobs[:, :steps], lengths, pruned
 

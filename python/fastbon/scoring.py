@@ -53,8 +53,9 @@ class Pruning:
     """Early pruning (speculative rejection, Sun et al. 2024) for ``fastbon.generate(prune=...)``.
 
     After every ``every`` decode steps, each prompt keeps the best ``keep`` fraction (at least ``min_keep``) of
-    its samples still in the batch, ranked by ``score`` on the partial samples ("mean_logprob", "sum_logprob" or
-    a callable on ``Samples``, whose ``sample_ids`` say which of the n each row is); the others leave the batch.
+    its samples not pruned yet (finished ones included: they left the batch but still compete), ranked by
+    ``score`` on the partial samples ("mean_logprob", "sum_logprob" or a callable on ``Samples``, whose
+    ``sample_ids`` say which of the n each row is); the others are pruned and leave the batch.
     """
 
     every: int = 16
