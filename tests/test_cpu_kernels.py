@@ -19,9 +19,10 @@ def threads(request):
     torch.set_num_threads(previous)
 
 
-@pytest.fixture(params=["native", "avx2", "baseline"])
+@pytest.fixture(params=["native", "avx512", "avx2", "baseline"])
 def isa(request, monkeypatch):
-    """Each instruction-set variant of the kernels this CPU can run (FASTBON_CPU_ISA lowers the choice)."""
+    """Each instruction-set variant of the kernels this CPU can run (FASTBON_CPU_ISA lowers the choice). On a CPU
+    with AMX, native runs bfloat16 attention on AMX tiles and avx512 the same kernels without them."""
     if request.param != "native":
         monkeypatch.setenv("FASTBON_CPU_ISA", request.param)
         if _C.cpu_isa() != request.param:

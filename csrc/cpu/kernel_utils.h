@@ -4,13 +4,18 @@
 // instantiates them inside functions compiled for AVX-512, AVX2+FMA and the x86-64 baseline and picks one at run
 // time. So the extension is built without -march=native and still uses the machine's widest vectors. Only
 // always-inline code runs inside the ISA-specific functions: nothing compiled for AVX-512 can leak into code
-// that runs on a machine without it.
+// that runs on a machine without it. AMX tiles (bfloat16 matrix products) are a fourth variant where an op has one.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "../common/dtype.h"
 
@@ -21,6 +26,9 @@
 #define FASTBON_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FASTBON_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+#define FASTBON_TARGET_AMX                                                                               \
+  __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c," \
+                        "prefer-vector-width=512")))
 #else
 #define FASTBON_X86_DISPATCH 0
 #define FASTBON_TARGET_AVX2
@@ -40,7 +48,8 @@ struct BFloat16 {
 
 enum class Isa : int32_t { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// The widest instruction set this CPU runs, lowered by FASTBON_CPU_ISA=baseline|avx2 (tests compare variants).
+// The widest instruction set this CPU runs, lowered by FASTBON_CPU_ISA=baseline|avx2 (tests compare variants);
+// FASTBON_CPU_ISA=avx512 keeps AVX-512 but turns AMX off (amx_bf16_active).
 inline Isa active_isa() {
 #if FASTBON_X86_DISPATCH
   static const Isa hardware = [] {
@@ -60,6 +69,25 @@ inline Isa active_isa() {
   return hardware;
 #else
   return Isa::kBaseline;
+#endif
+}
+
+// Whether AMX bfloat16 tiles may run: AVX-512 is active and not lowered to plain avx512, the CPU has AMX-TILE,
+// AMX-BF16 and AVX512-BF16 (its conversions feed the tiles), and Linux granted this process the tile state
+// (arch_prctl ARCH_REQ_XCOMP_PERM; without that grant the first tile instruction faults).
+inline bool amx_bf16_active() {
+#if FASTBON_X86_DISPATCH && defined(__linux__)
+  static const bool usable = [] {
+    constexpr int kArchRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           __builtin_cpu_supports("avx512bf16") &&
+           syscall(SYS_arch_prctl, kArchRequestPermission, kTileData) == 0;
+  }();
+  const char* requested = std::getenv("FASTBON_CPU_ISA");
+  return usable && active_isa() == Isa::kAvx512 && (requested == nullptr || std::strcmp(requested, "avx512") != 0);
+#else
+  return false;
 #endif
 }
 
@@ -94,9 +122,10 @@ template <>
 FASTBON_INLINE float from_float<float>(float value) { return value; }
 template <>
 FASTBON_INLINE BFloat16 from_float<BFloat16>(float value) {
+  // A select, not a branch, so that rounding loops vectorise.
   const uint32_t bits = bit_cast<uint32_t>(value);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return BFloat16{static_cast<uint16_t>((bits >> 16) | 0x40u)};
-  return BFloat16{static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16)};  // round to nearest even
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u, nearest_even = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return BFloat16{static_cast<uint16_t>((bits & 0x7FFFFFFFu) > 0x7F800000u ? quiet_nan : nearest_even)};
 }
 template <>
 FASTBON_INLINE Half from_float<Half>(float value) {
