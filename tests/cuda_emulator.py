@@ -28,7 +28,8 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.flo
 # `kernel<T><<<grid, block, shared, stream>>>(` becomes `fastbon_emulator::launch(kernel<T>, grid, ...)(`.
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;]*>)?)\s*<<<(.*?)>>>\s*\(", re.DOTALL)
 # `extern __shared__ float shared[];` becomes a pointer into the block's dynamic shared memory.
-_DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\s*\(\s*\d+\s*\)\s+)?(\w+(?:\s+\w+)*?)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def unavailable_reason() -> str | None:
@@ -50,6 +51,8 @@ def compile_library(directory: Path, cuda_sources: list[Path], host_sources: lis
     """One shared library from CUDA sources (translated) and host C++ sources, against the emulator's headers, with
     fastbon_emulated_take_error()."""
     directory.mkdir(parents=True, exist_ok=True)
+    for header in CUDA_SOURCES.glob("*.cuh"):  # found next to the translated units, before the originals
+        (directory / header.name).write_text(translate(header.read_text()))
     units = []
     for source in cuda_sources:
         unit = directory / f"{source.stem}.cpp"
@@ -85,6 +88,7 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.fastbon_emulated_shared_prefix_attention.argtypes = [i32] + [pointer] * 9 + [i64] * 7 + [f32, pointer]
     library.fastbon_emulated_sample.argtypes = [i32, pointer, i64] + [pointer] * 7 + [i64, pointer, pointer]
     library.fastbon_emulated_select_topk.argtypes = [i32, pointer, i64, i64, i64, pointer, pointer]
+    library.fastbon_emulated_set_shared_memory_limit.argtypes = [ctypes.c_size_t]
     return library
 
 
@@ -93,6 +97,10 @@ class EmulatedCudaBackend:
 
     def __init__(self, library: ctypes.CDLL):
         self.library = library
+
+    def set_shared_memory_limit(self, size: int) -> None:
+        """The emulated device's opt-in shared memory per block (the kernels size their tiles to it)."""
+        self.library.fastbon_emulated_set_shared_memory_limit(size)
 
     def _check(self, status: int, op: str) -> None:
         message = self.library.fastbon_emulated_take_error().decode()

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
 # Each kernel has a host entry point `int run_<name>(float* out, int threads, int shared_bytes)` that launches one
 # block and returns the launch status.
 KERNELS = r"""
+#include <mma.h>
+
 #include "device_utils.cuh"
 
 namespace {
@@ -77,6 +79,34 @@ __global__ void large_shared(float* out) {
   out[threadIdx.x] = shared[threadIdx.x];
 }
 
+// out[0:256] = A B for A[i][k] = i - k, B[k][j] = (k + 2j) / 8 (exact in bfloat16), via wmma with B column-major.
+__global__ void matrix_product(float* out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) __nv_bfloat16 a[16 * 16], b[16 * 16];
+  for (int i = threadIdx.x; i < 256; i += 32) {
+    a[i] = __float2bfloat16_rn(static_cast<float>(i / 16 - i % 16));
+    b[i] = __float2bfloat16_rn((i % 16 + 2 * (i / 16)) / 8.0f);  // column-major: element (i % 16, i / 16)
+  }
+  __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::mma_sync(acc, fa, fb, acc);
+  wmma::store_matrix_sync(out, acc, 16, wmma::mem_row_major);
+}
+
+// A load from a pointer that is not 256-bit aligned.
+__global__ void misaligned_load(float* out) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) __nv_bfloat16 a[16 * 17];
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, a + 1, 16);
+  out[threadIdx.x] = 0.0f;
+}
+
 }  // namespace
 
 #define ENTRY(name, prepare)                                                        \
@@ -95,6 +125,8 @@ ENTRY(with_barrier, )
 ENTRY(deadlock, )
 ENTRY(shared_overflow, )
 ENTRY(large_shared, )
+ENTRY(matrix_product, )
+ENTRY(misaligned_load, )
 extern "C" int run_large_shared_raised(float* out, int threads, int shared_bytes) {
   cudaFuncSetAttribute(large_shared, cudaFuncAttributeMaxDynamicSharedMemorySize, shared_bytes);
   large_shared<<<1, threads, shared_bytes>>>(out);
@@ -176,3 +208,14 @@ def test_shared_memory_limits(kernels):
     assert "invalid block size" in message
     _, message = _run(kernels, "shared_overflow", 64, shared_bytes=63 * 4)
     assert "past the end" in message
+
+
+def test_warp_matrix_functions(kernels):
+    out, message = _run(kernels, "matrix_product", 32, outputs=256)
+    assert message == ""
+    index = torch.arange(16, dtype=torch.float64)
+    a = index[:, None] - index[None, :]
+    b = (index[:, None] + 2 * index[None, :]) / 8
+    assert torch.equal(out.view(16, 16).double(), a @ b)
+    _, message = _run(kernels, "misaligned_load", 32)
+    assert "256-bit aligned" in message

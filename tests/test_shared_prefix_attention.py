@@ -135,3 +135,19 @@ def test_bad_inputs():
         shared_prefix_attention(**good, scale=-1.0)
     with pytest.raises(ValueError, match="backend"):
         shared_prefix_attention(**good, backend="tpu")
+
+
+@pytest.mark.parametrize("shared_kib", [227, 99, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_kernels_fit_the_device_shared_memory(emulated_cuda_backend, shared_kib, dtype):
+    """The CUDA kernels size their prefix chunks to the device's opt-in shared memory: at D=128, bfloat16 takes
+    the tensor-core kernel with 128-key chunks on an H100 (227 KiB) and 32-key chunks on 99 KiB parts, and the
+    CUDA-core kernel at 64 KiB; float32 takes the CUDA-core kernel with 64- or 32-key chunks. Run under the CUDA
+    emulator, which refuses a launch over the limit."""
+    emulated_cuda_backend.set_shared_memory_limit(shared_kib * 1024)
+    try:
+        q, *args = _inputs((2, 5, 8, 2, 128, 300, 6), dtype, "cpu", seed=3, shuffled=True)
+        out = emulated_cuda_backend.shared_prefix_attention(q, *args, scale=q.shape[-1] ** -0.5)
+    finally:
+        emulated_cuda_backend.set_shared_memory_limit(227 * 1024)
+    _check_close(out, q, args, dtype)

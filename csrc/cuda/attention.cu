@@ -8,10 +8,18 @@
 // samples; the chunk is as long as the shared-memory budget allows, because the partials cost
 // 2 x rows x chunks x head_dim x 4 bytes of traffic (at P = 4096, 256 query rows per KV head, bf16: 128-key chunks
 // make that 2x the prefix bytes; the first version's 32-key chunks made it 8x).
+// For float16/bfloat16 inputs pass 1 runs on tensor cores instead (prefix_chunk_mma_kernel in
+// attention_tensor_cores.cuh, wmma): the rows
+// that share a KV head form 16-row tiles, S = Q K^T and O = P V are 16x16x16 matrix products, and the chunk's
+// scores sit in shared memory whole, so its softmax needs no rescaling. At the shape above pass 1 is 4.3 GFLOP
+// per layer and step, which CUDA cores cannot do in the ~6 us that reading the prefix takes. P goes into the
+// product as a high and a low 16-bit part (two products), keeping about 16 bits of each weight. Inputs that do not
+// fit the device's shared memory (and float32 inputs) take the CUDA-core kernel.
 // Pass 2, one warp per (sample, q head): online softmax over the sample's suffix keys, merged with the prefix
 // partials by their log-sum-exp (FlashInfer's merge_state); no keys gives zeros.
 #include <cfloat>
 
+#include "attention_tensor_cores.cuh"
 #include "device_utils.cuh"
 #include "ops.cuh"
 
@@ -19,8 +27,9 @@ namespace fastbon::cuda {
 namespace {
 
 constexpr int kWarps = 4;
+static_assert(kMmaWarps == kWarps, "both pass-1 kernels launch kWarps warps");
 constexpr int kMaxPerLane = kMaxHeadDim / 32;
-constexpr size_t kStagingBudget = 80 * 1024;  // bytes of keys + values per block: fits every sm_80+ part
+constexpr size_t kStagingBudget = 80 * 1024;  // CUDA-core kernel: bytes of keys + values per block
 
 // Running softmax state of one query row held by a warp: lane l owns output dims l, l + 32, ...
 struct RowState {
@@ -47,11 +56,10 @@ size_t staging_bytes(int64_t chunk_keys, int64_t head_dim) {
   return static_cast<size_t>(chunk_keys * (2 * head_dim + kKeyPadding<T>)) * sizeof(T);
 }
 
-// The longest chunk (a multiple of the 32-key tile) whose keys and values fit the staging budget.
+// Dynamic shared memory of prefix_chunk_kernel.
 template <typename T>
-int64_t chunk_keys_for(int64_t head_dim) {
-  for (int64_t keys : {128, 64}) if (staging_bytes<T>(keys, head_dim) <= kStagingBudget) return keys;
-  return 32;
+size_t cuda_core_shared_bytes(int64_t chunk_keys, int64_t head_dim, int64_t num_samples) {
+  return kWarps * head_dim * sizeof(float) + (num_samples + 1) * sizeof(int) + staging_bytes<T>(chunk_keys, head_dim);
 }
 
 template <typename T>
@@ -200,11 +208,45 @@ __global__ void suffix_merge_kernel(const T* __restrict__ q, const T* __restrict
   }
 }
 
+// How pass 1 runs: which kernel, how many prefix keys per chunk, and its dynamic shared memory.
+struct PrefixPlan {
+  bool tensor_cores;
+  int64_t chunk_keys;
+  size_t shared_bytes;
+};
+
+size_t device_shared_limit() {
+  int device = 0, bytes = 48 * 1024;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+    return 48 * 1024;
+  return static_cast<size_t>(bytes);
+}
+
+// Tensor cores for 16-bit inputs with the longest chunk that fits the device's shared memory, else CUDA cores with
+// the longest chunk within the staging budget that fits.
+template <typename T>
+PrefixPlan prefix_plan(int64_t head_dim, int64_t num_samples) {
+  const size_t limit = device_shared_limit();
+  if constexpr (sizeof(T) == 2) {
+    for (int64_t keys : {128, 64, 32, 16}) {
+      const size_t bytes = mma_layout(static_cast<int>(keys), static_cast<int>(head_dim),
+                                      static_cast<int>(num_samples), static_cast<int>(sizeof(T))).total;
+      if (bytes <= limit) return {true, keys, bytes};
+    }
+  }
+  int64_t keys = 128;  // whole 32-key tiles
+  while (keys > 32 && (staging_bytes<T>(keys, head_dim) > kStagingBudget ||
+                       cuda_core_shared_bytes<T>(keys, head_dim, num_samples) > limit))
+    keys /= 2;
+  return {false, keys, cuda_core_shared_bytes<T>(keys, head_dim, num_samples)};  // too big at 32: the launch fails
+}
+
 // The number of prefix chunks of pass 1 (and so of partials per query row).
-int64_t prefix_slots(DType dtype, int64_t head_dim, int64_t prefix_max) {
+int64_t prefix_slots(DType dtype, int64_t head_dim, int64_t num_samples, int64_t prefix_max) {
   int64_t chunk_keys = 32;
   dispatch_half_types(dtype, [&](auto element) {
-    chunk_keys = chunk_keys_for<decltype(element)>(head_dim);
+    chunk_keys = prefix_plan<decltype(element)>(head_dim, num_samples).chunk_keys;
     return cudaSuccess;
   });
   return (prefix_max + chunk_keys - 1) / chunk_keys;
@@ -214,7 +256,7 @@ int64_t prefix_slots(DType dtype, int64_t head_dim, int64_t prefix_max) {
 
 size_t shared_prefix_attention_workspace_bytes(DType dtype, int64_t num_samples, int64_t num_q_heads,
                                                int64_t head_dim, int64_t prefix_max) {
-  const int64_t slots = prefix_slots(dtype, head_dim, prefix_max);
+  const int64_t slots = prefix_slots(dtype, head_dim, num_samples, prefix_max);
   return static_cast<size_t>(num_samples * num_q_heads * slots * (head_dim + 1)) * sizeof(float);
 }
 
@@ -228,24 +270,25 @@ cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* pref
   const int64_t rows = num_samples * num_q_heads;
   return dispatch_half_types(dtype, [&](auto element) {
     using T = decltype(element);
-    const int64_t chunk_keys = chunk_keys_for<T>(head_dim);
-    const int64_t slots = (prefix_max + chunk_keys - 1) / chunk_keys;
+    const PrefixPlan plan = prefix_plan<T>(head_dim, num_samples);
+    const int64_t slots = (prefix_max + plan.chunk_keys - 1) / plan.chunk_keys;
     float* partial_out = static_cast<float*>(workspace);
     float* partial_lse = partial_out + rows * slots * head_dim;
     if (slots > 0 && num_samples > 0) {
-      const size_t shared_bytes = kWarps * head_dim * sizeof(float) + (num_samples + 1) * sizeof(int) +
-                                  staging_bytes<T>(chunk_keys, head_dim);
-      cudaError_t status = cudaFuncSetAttribute(prefix_chunk_kernel<T>,
-                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                static_cast<int>(shared_bytes));
+      auto pass_one = prefix_chunk_kernel<T>;
+      if constexpr (sizeof(T) == 2) {
+        if (plan.tensor_cores) pass_one = prefix_chunk_mma_kernel<T>;
+      }
+      cudaError_t status = cudaFuncSetAttribute(pass_one, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(plan.shared_bytes));
       if (status != cudaSuccess) return status;
       const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(num_kv_heads),
                       static_cast<unsigned>(num_prompts));
-      prefix_chunk_kernel<T><<<grid, kWarps * 32, shared_bytes, stream>>>(
+      pass_one<<<grid, kWarps * 32, plan.shared_bytes, stream>>>(
           static_cast<const T*>(q), static_cast<const T*>(prefix_k), static_cast<const T*>(prefix_v), prefix_lens,
           sample_to_prompt, partial_out, partial_lse, static_cast<int>(num_samples), static_cast<int>(num_q_heads),
           static_cast<int>(num_kv_heads), static_cast<int>(head_dim), static_cast<int>(prefix_max),
-          static_cast<int>(chunk_keys), static_cast<int>(slots), scale);
+          static_cast<int>(plan.chunk_keys), static_cast<int>(slots), scale);
     }
     if (rows > 0) {
       const unsigned blocks = static_cast<unsigned>((rows + kWarps - 1) / kWarps);
@@ -253,7 +296,7 @@ cudaError_t shared_prefix_attention(DType dtype, const void* q, const void* pref
           static_cast<const T*>(q), static_cast<const T*>(suffix_k), static_cast<const T*>(suffix_v), prefix_lens,
           suffix_lens, sample_to_prompt, partial_out, partial_lse, static_cast<T*>(out),
           static_cast<int>(num_samples), static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
-          static_cast<int>(head_dim), static_cast<int>(suffix_max), static_cast<int>(chunk_keys),
+          static_cast<int>(head_dim), static_cast<int>(suffix_max), static_cast<int>(plan.chunk_keys),
           static_cast<int>(slots), scale);
     }
     return cudaGetLastError();

@@ -19,6 +19,9 @@ int finish(cudaError_t status) {
 
 extern "C" {
 
+// The emulated device's opt-in shared memory per block (227 KiB, an H100's, unless a test lowers it).
+void fastbon_emulated_set_shared_memory_limit(size_t bytes) { fastbon_emulator::state().device_shared_limit = bytes; }
+
 size_t fastbon_emulated_attention_workspace_bytes(int32_t dtype, int64_t num_samples, int64_t num_q_heads,
                                                   int64_t head_dim, int64_t prefix_max) {
   return fastbon::cuda::shared_prefix_attention_workspace_bytes(static_cast<fastbon::DType>(dtype), num_samples,

@@ -42,6 +42,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static  // one copy, shared by every thread of the block running now
+#define __align__(bytes) __attribute__((aligned(bytes)))
 
 struct dim3 {
   unsigned x, y, z;
@@ -52,6 +53,7 @@ using uint3 = dim3;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9,
                    cudaErrorLaunchFailure = 719 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 using cudaStream_t = struct CUstream_st*;
 
 // The running thread's coordinates: the scheduler sets them before it resumes a fiber.
@@ -81,6 +83,19 @@ struct Barrier {
   Site site;  // where the first thread to arrive in this generation waits
 };
 
+// The start of a block's shared memory is 128-byte aligned on the GPU; so is the emulator's.
+template <typename T>
+struct SharedAllocator {
+  using value_type = T;
+  SharedAllocator() = default;
+  template <typename U>
+  SharedAllocator(const SharedAllocator<U>&) {}
+  T* allocate(size_t count) { return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t{128})); }
+  void deallocate(T* pointer, size_t) { ::operator delete(pointer, std::align_val_t{128}); }
+  bool operator==(const SharedAllocator&) const { return true; }
+  bool operator!=(const SharedAllocator&) const { return false; }
+};
+
 struct Fiber {
   void* stack_pointer = nullptr;  // where fastbon_emulator_switch resumes it
   std::unique_ptr<char[]> stack;
@@ -95,7 +110,7 @@ struct Block {
   std::vector<bool> warp_lost_lane;
   std::vector<std::array<uint64_t, 32>> exchange;  // one shuffle slot per lane
   Barrier block;
-  std::vector<unsigned char> dynamic_shared;
+  std::vector<unsigned char, SharedAllocator<unsigned char>> dynamic_shared;
   std::function<void()> body;
   void* scheduler_stack_pointer = nullptr;
   int current = 0;
@@ -106,6 +121,7 @@ struct State {
   Block block;
   std::string error;  // the first error since the last cudaGetLastError
   std::map<const void*, size_t> shared_limit;
+  size_t device_shared_limit = kMaxDynamicShared;  // the opt-in limit of the emulated device (tests lower it)
   std::mt19937 order_rng{12345};
 };
 
@@ -158,6 +174,9 @@ inline Barrier& warp_barrier() {
   if (block.warp_lost_lane[warp]) fail("a full-mask warp collective after some lanes of the warp exited");
   return block.warps[warp];
 }
+
+// Every lane of the calling warp meets here (a warp-synchronous operation such as a wmma load).
+inline void warp_sync(Site site) { wait_at(warp_barrier(), site); }
 
 inline void check_full_mask(unsigned mask) {
   if (mask != 0xFFFFFFFFu) fail("the emulator supports full-mask warp collectives only");
@@ -287,7 +306,7 @@ struct Launch {
       fail("invalid grid size");
       return;
     }
-    if (dynamic_shared > allowed) {
+    if (dynamic_shared > std::min(allowed, state().device_shared_limit)) {
       fail("dynamic shared memory of " + std::to_string(dynamic_shared) + " bytes exceeds the " +
            std::to_string(allowed) + "-byte limit (cudaFuncSetAttribute raises it)");
       return;
@@ -332,9 +351,20 @@ inline const char* cudaGetErrorString(cudaError_t error) {
 template <typename... Params>
 cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attribute, int value) {
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      static_cast<size_t>(value) > fastbon_emulator::kMaxDynamicShared)
+      static_cast<size_t>(value) > fastbon_emulator::state().device_shared_limit)
     return cudaErrorInvalidValue;
   fastbon_emulator::state().shared_limit[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(value);
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int device) {
+  if (attribute != cudaDevAttrMaxSharedMemoryPerBlockOptin || device != 0) return cudaErrorInvalidValue;
+  *value = static_cast<int>(fastbon_emulator::state().device_shared_limit);
   return cudaSuccess;
 }
 
