@@ -1,0 +1,47 @@
+// The work item of the CPU shared-prefix attention and the sizes its kernels share: attention.cpp builds and
+// runs the items; attention_amx.cpp runs bfloat16 items on AMX tiles.
+#pragma once
+
+#include <cstdint>
+
+#include "kernel_utils.h"
+
+namespace fastbon::cpu {
+
+constexpr int64_t kChunk = 256;      // keys per item: the chunk's K and V (2 x 64 KiB at D=64) stay in L2
+constexpr int64_t kRowBlock = 128;   // query rows per GEMM pass (a multiple of every tile width)
+constexpr int64_t kMaxColumns = 64;  // widest register-tile column count (elements); scratch pads to it
+static_assert(kRowBlock % kMaxColumns == 0, "a row block pads to whole register tiles");
+
+FASTBON_INLINE int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// One work item: `rows` query rows (scaled, contiguous) against `length` <= kChunk keys/values.
+template <typename In, typename Acc>
+struct Segment {
+  const In* keys;    // [length, head_dim]
+  const In* values;  // [length, head_dim]
+  int64_t length;
+  const Acc* queries;  // [rows, head_dim]
+  int64_t rows;
+  Acc* out;  // row r's normalised partial output at out + r * out_stride
+  int64_t out_stride;
+  Acc* lse;  // row r's log-sum-exp at lse[r * lse_stride]
+  int64_t lse_stride;
+};
+
+template <typename Acc>
+int64_t scratch_elements(int64_t head_dim) {
+  const int64_t padded_dim = round_up(head_dim, kMaxColumns);
+  return kChunk * head_dim + kChunk * padded_dim + head_dim * kRowBlock + kChunk * kRowBlock +
+         kRowBlock * padded_dim + 2 * kRowBlock;
+}
+
+constexpr int64_t kAmxTileDepth = 32;  // bf16 elements in an AMX tile row: the AMX kernel takes head_dim % 32 == 0
+
+#if FASTBON_X86_DISPATCH
+// A bfloat16 item on AMX tiles (attention_amx.cpp). Requires head_dim % kAmxTileDepth == 0 and amx_bf16_active();
+// queries unscaled (the scale goes on the scores); scratch of scratch_elements<float>(head_dim).
+void attend_segment_amx(const Segment<BFloat16, float>& segment, int64_t head_dim, float scale, float* scratch);
+#endif
+
+}  // namespace fastbon::cpu
