@@ -219,6 +219,12 @@ def test_pruning_keeps_the_oracle_best_and_saves_work():
         fastbon.generate(model, prompts, prune=0.5)
 
 
+def _frequent_token(model, prompts, n, steps):
+    """The most common token of a free run's first SYNC_EVERY steps: as an EOS, many samples stop early."""
+    free = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True)
+    return int(torch.mode(free.all_sequences[:, :, :SYNC_EVERY].flatten()).values)
+
+
 def test_finished_samples_leave_the_batch_under_pruning():
     """Pruning ranks all samples not pruned yet, finished ones included, while finished rows leave the batch at
     the flag reads: each sample ran for its own length if unfinished (pruned or not), else until the first flag
@@ -226,8 +232,7 @@ def test_finished_samples_leave_the_batch_under_pruning():
     model = tiny_model("llama")
     prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
     n, steps = 8, 4 * SYNC_EVERY
-    free = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True)
-    eos = int(torch.mode(free.all_sequences[:, :, :SYNC_EVERY].flatten()).values)
+    eos = _frequent_token(model, prompts, n, steps)
     full = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True, eos_token_id=eos)
 
     def exact_final_score(samples):
@@ -266,8 +271,7 @@ def test_finished_samples_leave_the_batch():
     model = tiny_model("llama")
     prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
     n, steps = 6, 3 * SYNC_EVERY
-    free = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True)
-    eos = int(torch.mode(free.all_sequences[:, :, :SYNC_EVERY].flatten()).values)
+    eos = _frequent_token(model, prompts, n, steps)
     result = fastbon.generate(model, prompts, n=n, max_new_tokens=steps, seed=9, return_all=True, eos_token_id=eos)
     finished_early = (result.all_lengths <= SYNC_EVERY).sum().item()
     assert finished_early > 0
