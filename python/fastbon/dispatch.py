@@ -19,8 +19,8 @@ OPS = ("shared_prefix_attention", "sample", "select_topk")
 
 # Default order per device. On CPU tensors the C++ op is the default once it measured faster than torch
 # (benchmarks/RESULTS.md). On CUDA tensors the order is provisional until gpu_check.sh has timed both: attention
-# prefers triton, whose prefix pass runs on tensor cores (4.3 GFLOP per layer-step at P=4096, n=64, Hq=32, D=128,
-# compute-bound on the CUDA kernel's CUDA cores); the other ops prefer the CUDA kernels.
+# prefers triton (both run the prefix pass on tensor cores, triton with 64-row tiles that take fewer trips through
+# shared memory than the CUDA kernel's 16-row warp tiles); the other ops prefer the CUDA kernels.
 _DEFAULT_ORDER = {
     "cpu": {op: ("cpu", "torch") for op in OPS},
     "cuda": {op: ("cuda", "triton", "torch") for op in OPS} | {
