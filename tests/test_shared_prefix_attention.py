@@ -139,7 +139,7 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("shared_kib", [227, 99, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_cuda_kernels_fit_the_device_shared_memory(emulated_cuda_backend, shared_kib, dtype):
+def test_emulated_cuda_kernels_fit_the_device_shared_memory(emulated_cuda_backend, shared_kib, dtype):
     """The CUDA kernels size their prefix chunks to the device's opt-in shared memory: at D=128, bfloat16 takes
     the tensor-core kernel with 128-key chunks on an H100 (227 KiB) and 32-key chunks on 99 KiB parts, and the
     CUDA-core kernel at 64 KiB; float32 takes the CUDA-core kernel with 64- or 32-key chunks. Run under the CUDA

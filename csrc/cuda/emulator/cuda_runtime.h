@@ -419,8 +419,10 @@ std::common_type_t<A, B> max(A a, B b) {
   return a < b ? b : a;
 }
 
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
+// The fast intrinsics as the GPU computes them: through base 2, so the rounding of x * log2(e) (and of the result's
+// scaling) shows here as it does there; the hardware's ex2/lg2 approximations add about 2 ulp more.
+inline float __expf(float x) { return std::exp2(x * 1.44269504f); }
+inline float __logf(float x) { return std::log2(x) * 0.693147181f; }
 inline unsigned __float_as_uint(float x) {
   unsigned bits;
   std::memcpy(&bits, &x, sizeof bits);
