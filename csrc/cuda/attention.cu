@@ -215,20 +215,20 @@ struct PrefixPlan {
   size_t shared_bytes;
 };
 
-size_t device_shared_limit() {
-  int device = 0, bytes = 48 * 1024;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-    return 48 * 1024;
-  return static_cast<size_t>(bytes);
+// An attribute of the current device, or fallback when it cannot be read.
+int device_attribute(cudaDeviceAttr attribute, int fallback) {
+  int device = 0, value = fallback;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess)
+    return fallback;
+  return value;
 }
 
-// Tensor cores for 16-bit inputs with the longest chunk that fits the device's shared memory, else CUDA cores with
-// the longest chunk within the staging budget that fits.
+// Tensor cores for 16-bit inputs on sm_80+ with the longest chunk that fits the device's shared memory, else CUDA
+// cores with the longest chunk within the staging budget that fits.
 template <typename T>
 PrefixPlan prefix_plan(int64_t head_dim, int64_t num_samples) {
-  const size_t limit = device_shared_limit();
-  if constexpr (sizeof(T) == 2) {
+  const size_t limit = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 * 1024));
+  if (sizeof(T) == 2 && device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8) {
     for (int64_t keys : {128, 64, 32, 16}) {
       const size_t bytes = mma_layout(static_cast<int>(keys), static_cast<int>(head_dim),
                                       static_cast<int>(num_samples), static_cast<int>(sizeof(T))).total;

@@ -58,6 +58,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                             float* __restrict__ partial_out, float* __restrict__ partial_lse, int num_samples,
                             int num_q_heads, int num_kv_heads, int head_dim, int prefix_max, int chunk_keys,
                             int slots, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bfloat16 wmma needs sm_80; the launcher takes the CUDA-core kernel below compute capability 8.0
+#else
   namespace wmma = nvcuda::wmma;
   using Accumulator = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   extern __shared__ __align__(128) unsigned char block_memory[];  // a name of its own: one type per name
@@ -173,6 +176,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (lane < 16 && first + lane < rows) partial_lse[slot_of(first + lane)] = row_max[lane] + __logf(row_sum[lane]);
     __syncwarp();  // the next tile overwrites this warp's area
   }
+#endif
 }
 
 }  // namespace
