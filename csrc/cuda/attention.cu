@@ -1,20 +1,17 @@
 // Shared-prefix decode attention on CUDA: split-K over prefix chunks, then suffix + merge.
 //
 // Pass 1, grid (prefix chunk, KV head, prompt): the block stages one chunk of prefix keys and values in shared
-// memory once (in their own dtype), finds the prompt's samples in sample_to_prompt (no grouping assumed), and every
-// warp takes query rows (sample, q head of this KV head) in turn: an online softmax over the chunk in tiles of 32
-// keys (lane j scores key j of the tile), with the lanes owning output dimensions. It writes each row's normalised
-// partial output and log-sum-exp. The prefix is read from global memory once per step, whatever the number of
-// samples; the chunk is as long as the shared-memory budget allows, because the partials cost
-// 2 x rows x chunks x head_dim x 4 bytes of traffic (at P = 4096, 256 query rows per KV head, bf16: 128-key chunks
-// make that 2x the prefix bytes; the first version's 32-key chunks made it 8x).
-// For float16/bfloat16 inputs pass 1 runs on tensor cores instead (prefix_chunk_mma_kernel in
-// attention_tensor_cores.cuh, wmma): the rows
-// that share a KV head form 16-row tiles, S = Q K^T and O = P V are 16x16x16 matrix products, and the chunk's
-// scores sit in shared memory whole, so its softmax needs no rescaling. At the shape above pass 1 is 4.3 GFLOP
-// per layer and step, which CUDA cores cannot do in the ~6 us that reading the prefix takes. P goes into the
-// product as a high and a low 16-bit part (two products), keeping about 16 bits of each weight. Inputs that do not
-// fit the device's shared memory (and float32 inputs) take the CUDA-core kernel.
+// memory once, finds the prompt's samples in sample_to_prompt (no grouping assumed), and writes a normalised partial
+// output and log-sum-exp for every query row (sample, q head of this KV head) of the prompt. The prefix is read from
+// global memory once per step, whatever the number of samples. Two kernels do it:
+//  - float16/bfloat16 on sm_80+: prefix_chunk_mma_kernel (attention_tensor_cores.cuh), on tensor cores. At P=4096,
+//    n=64, Hq=32, Hkv=8, D=128, pass 1 is 4.3 GFLOP per layer and step, which CUDA cores cannot do in the ~6 us
+//    that reading the prefix takes.
+//  - otherwise prefix_chunk_kernel below, on CUDA cores: warps take query rows in turn, each an online softmax over
+//    the chunk in tiles of 32 keys (lane j scores key j of the tile), the lanes owning output dimensions.
+// Chunks are as long as shared memory allows (prefix_plan), because the partials cost 2 x rows x chunks x head_dim
+// x 4 bytes of traffic: at the shape above in bf16, 128-key chunks make that 2x the prefix bytes (the first
+// version's 32-key chunks made it 8x).
 // Pass 2, one warp per (sample, q head): online softmax over the sample's suffix keys, merged with the prefix
 // partials by their log-sum-exp (FlashInfer's merge_state); no keys gives zeros.
 #include <cfloat>

@@ -1,6 +1,9 @@
-// Pass 1 of the shared-prefix decode attention on tensor cores (wmma) for float16/bfloat16 inputs; attention.cu
-// has the design and launches it. Each block stages one prefix chunk of one (prompt, KV head); each warp takes
-// 16-row tiles of the prompt's query rows and computes S = Q K^T, the chunk's softmax and O = P V for them.
+// Pass 1 of the shared-prefix decode attention on tensor cores (wmma) for float16/bfloat16 inputs on sm_80+;
+// attention.cu has the design and launches it. Each block stages one prefix chunk of one (prompt, KV head); each
+// warp takes 16-row tiles of the prompt's query rows (the rows that share the KV head) and computes S = Q K^T and
+// O = P V as 16x16x16 matrix products. The chunk's scores sit in shared memory whole, so its softmax needs no
+// rescaling. P enters the product as a high and a low 16-bit part (two products), keeping about 16 bits of each
+// weight.
 #pragma once
 
 #include <mma.h>
