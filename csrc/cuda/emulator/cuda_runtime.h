@@ -308,7 +308,8 @@ struct Launch {
     }
     if (dynamic_shared > std::min(allowed, state().device_shared_limit)) {
       fail("dynamic shared memory of " + std::to_string(dynamic_shared) + " bytes exceeds the " +
-           std::to_string(allowed) + "-byte limit (cudaFuncSetAttribute raises it)");
+           std::to_string(std::min(allowed, state().device_shared_limit)) +
+           "-byte limit (cudaFuncSetAttribute raises it up to the device's)");
       return;
     }
     const std::tuple<std::decay_t<Params>...> arguments(std::forward<Args>(args)...);  // converted like a launch
