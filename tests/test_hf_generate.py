@@ -1,9 +1,20 @@
 """fastbon.generate end to end, against Hugging Face itself, for every supported family."""
 
+import copy
+
 import pytest
 import torch
 from hf_models import FAMILIES, VOCAB, hf_token_logprobs, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 import fastbon
 from fastbon.generate import SYNC_EVERY
@@ -281,3 +292,31 @@ def test_finished_samples_leave_the_batch():
         for j in range(n):
             length = int(result.all_lengths[b, j])
             assert length == steps or int(result.all_sequences[b, j, length - 1]) == eos
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_model_matches_hf(dtype):
+    """A bfloat16 / float16 model (head_dim 32, so bfloat16 decode attention takes the AMX kernel where the CPU
+    has it): against a float32 forward of the same weights, fastbon's log-probs err no more than HF's own forward
+    in that dtype does (twice, plus 1e-3)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(3.0)  # far from uniform, as in hf_models.tiny_model
+    model.generation_config.eos_token_id = None
+    model = model.to(dtype)
+    wide = copy.deepcopy(model).float()
+    prompts = [torch.arange(5, 40), torch.tensor([9, 3])]
+    result = fastbon.generate(model, prompts, n=4, max_new_tokens=12, seed=1, return_all=True)
+    ours = theirs = 0.0
+    for b, prompt in enumerate(prompts):
+        for j in range(4):
+            completion = result.all_sequences[b, j, :int(result.all_lengths[b, j])]
+            reference = hf_token_logprobs(wide, prompt, completion)
+            got = result.all_token_logprobs[b, j, :completion.numel()].double()
+            ours = max(ours, (got - reference).abs().max().item())
+            theirs = max(theirs, (hf_token_logprobs(model, prompt, completion) - reference).abs().max().item())
+    assert ours <= 2 * theirs + 1e-3, f"fastbon {ours} vs HF's own {dtype} error {theirs}"
