@@ -203,12 +203,14 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shape", choices=["cpu", "gpu", "tiny"], default=None,
                         help="model shape (default: gpu on CUDA, cpu otherwise)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
     parser.add_argument("--no-hf", action="store_true", help="time fastbon only")
     parser.add_argument("--out", default="benchmarks/out", help="folder for e2e.csv and e2e.png")
     args = parser.parse_args(argv)
     shape = {"cpu": CPU_SHAPE, "gpu": GPU_SHAPE, "tiny": TINY_SHAPE}[
         args.shape or ("gpu" if args.device.startswith("cuda") else "cpu")]
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = llama_model(**shape, dtype=dtype, device=args.device)
     rows = run_grid(model, args.P, args.n, args.new_tokens, top_p=args.top_p, run_hf=not args.no_hf)
     os.makedirs(args.out, exist_ok=True)
