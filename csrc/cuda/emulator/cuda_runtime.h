@@ -4,10 +4,11 @@
 // rewrites (`kernel<<<grid, block, shared, stream>>>(args)` -> `fastbon_emulator::launch(kernel, grid, block, shared,
 // stream)(args)`, and `extern __shared__ T name[];` -> a pointer to the block's dynamic shared memory).
 //
-// Execution model: the blocks of a grid run one after another; the threads of a block are fibers (fiber_switch.S) on one
-// OS thread that switch only at a barrier (__syncthreads, __syncwarp, a warp shuffle). Between barriers the threads
-// of a block run in a shuffled order that changes at every barrier, so code that relies on an order the hardware
-// does not promise tends to give wrong answers here too. What the emulator checks, and reports as a launch error:
+// Execution model: the blocks of a grid run one after another; the threads of a block are fibers (fiber_switch.S)
+// on one OS thread that switch only at a barrier (__syncthreads, __syncwarp, a warp shuffle, a wmma operation:
+// mma.h). Between barriers the threads of a block run in a shuffled order that changes at every barrier, so code
+// that relies on an order the hardware does not promise tends to give wrong answers here too. Device intrinsics:
+// device_functions.h. What the emulator checks, and reports as a launch error:
 //   - every lane of a warp reaches the same warp collective (a full-mask shuffle or __syncwarp, told apart by the
 //     source line that calls it): lanes that diverged onto different collectives, or a collective after some lanes
 //     exited, is an error (undefined on the GPU);
@@ -15,7 +16,8 @@
 //   - block size, grid size and dynamic shared memory against the hardware limits, the 48 KiB default for dynamic
 //     shared memory included unless cudaFuncSetAttribute raised it;
 //   - dynamic shared memory starts as NaN bytes, so a read before a write shows; a write past its end (into a guard
-//     zone) is an error.
+//     zone) is an error;
+//   - wmma operands are 256-bit aligned with leading dimensions of whole 16 bytes.
 // What it does not model: timing, memory coalescing, bank conflicts, the weak memory model, and warp-synchronous
 // code that relies on lanes running in lockstep without a collective.
 #pragma once
@@ -25,7 +27,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <map>
