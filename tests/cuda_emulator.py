@@ -4,7 +4,7 @@ csrc/cuda/emulator (threads as fibers, warp collectives checked; see its cuda_ru
 ``build(directory)`` compiles the emulated library; ``EmulatedCudaBackend`` exposes the three ops with the backend
 contract of ``fastbon.ops.reference`` on CPU tensors, so the backend tests run the CUDA source on a machine without
 a GPU (conftest's ``cuda-emulated`` case). Only the kernels and launchers are emulated; the torch binding
-(csrc/bindings/cuda_ops.cpp) needs a CUDA build of torch and runs on GPU machines only.
+(csrc/bindings/cuda_ops.cpp) needs a CUDA build of torch to run (CI type-checks it: check_cuda_binding.sh).
 """
 
 import ctypes
