@@ -262,6 +262,27 @@ def test_finished_samples_leave_the_batch_under_pruning():
     assert survived_finished.any(), "some finished sample outlived a checkpoint, so staying in the batch would show"
 
 
+def test_pruning_that_keeps_only_finished_samples_ends_the_decode():
+    """A partial score that ranks finished samples first, checked when the finished rows have just left the batch:
+    the survivors are all finished, so decoding stops there instead of running an empty batch."""
+    model = tiny_model("llama")
+    prompts = [torch.tensor([5, 6, 7, 8]), torch.tensor([9, 3])]
+    n = 8
+    eos = _frequent_token(model, prompts, n, SYNC_EVERY)
+
+    def finished_first(samples):
+        return (samples.sequences == eos).any(-1).double() - samples.sample_ids * 1e-3
+
+    result = fastbon.generate(model, prompts, n=n, max_new_tokens=3 * SYNC_EVERY, seed=9, return_all=True,
+                              eos_token_id=eos, prune=fastbon.Pruning(every=SYNC_EVERY, keep=0.1,
+                                                                      score=finished_first))
+    assert result.stats["decode_steps"] == SYNC_EVERY
+    survivors = result.all_scores > float("-inf")
+    assert survivors.sum(-1).tolist() == [1, 1]
+    last = result.all_sequences.gather(2, (result.all_lengths - 1).clamp(min=0)[..., None])[..., 0]
+    assert torch.all(last[survivors] == eos), "each prompt's survivor is a finished sample"
+
+
 def test_every_backend_end_to_end(backend_device):
     """The HF re-scoring check with every op on one backend (Triton runs in its interpreter on CPU)."""
     backend, device = backend_device

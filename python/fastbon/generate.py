@@ -114,7 +114,7 @@ def _special_ids(model, eos_token_id):
 
 
 class _Batch:
-    """The rows still decoding: per-row state that shrinks together when pruning drops samples.
+    """The rows still decoding: per-row state that shrinks together when samples finish or are pruned.
 
     ``sample_ids`` maps each row to its sample (prompt-major, so a prompt's rows stay adjacent; prompts hold
     different numbers of rows once samples finish); the result buffers are indexed by it and never shrink.
@@ -231,6 +231,8 @@ def _decode(model, prompt_ids, prompt_mask, prompts, n, max_new_tokens, params, 
                     _keep_rows(batch, cache, unfinished)
             if prune is not None and steps % prune.every == 0 and steps < max_new_tokens:
                 candidates = _prune(prune, batch, cache, samples_so_far, num_prompts, candidates, pruned, stats)
+                if not bool((~batch.finished).any()):  # only finished samples survived (pruning read the host anyway)
+                    break
     stats["decode_steps"], stats["tokens_generated"] = steps, tokens_generated
     return tokens[:, :steps], logprobs[:, :steps], lengths, pruned
 
