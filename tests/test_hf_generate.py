@@ -32,6 +32,12 @@ def _unequal_prompts(padding_side: str):
     return prompts, ids, mask
 
 
+def _on_cpu(result):
+    """A GenerationResult with its tensors moved to the CPU."""
+    return fastbon.GenerationResult(*(value.cpu() if isinstance(value, torch.Tensor) else value
+                                      for value in vars(result).values()))
+
+
 def _check_against_hf(model, prompts, result, n, score="mean_logprob"):
     for b, prompt in enumerate(prompts):
         for j in range(n):
@@ -290,11 +296,7 @@ def test_every_backend_end_to_end(backend_device):
     prompts, ids, mask = _unequal_prompts("left")
     result = fastbon.generate(model, ids.to(device), attention_mask=mask.to(device), n=3, k=2, max_new_tokens=5,
                               top_p=0.9, top_k=20, seed=2, return_all=True, backend=backend)
-    model = model.cpu()
-    cpu_result = fastbon.GenerationResult(*(getattr(result, name).cpu() if isinstance(getattr(result, name),
-                                                                                       torch.Tensor) else
-                                            getattr(result, name) for name in result.__dataclass_fields__))
-    _check_against_hf(model, prompts, cpu_result, 3)
+    _check_against_hf(model.cpu(), prompts, _on_cpu(result), 3)
 
 
 def test_finished_samples_leave_the_batch():
@@ -316,10 +318,12 @@ def test_finished_samples_leave_the_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision_model_matches_hf(dtype):
-    """A bfloat16 / float16 model (head_dim 32, so bfloat16 decode attention takes the AMX kernel where the CPU
-    has it): against a float32 forward of the same weights, fastbon's log-probs err no more than HF's own forward
-    in that dtype does (twice, plus 1e-3)."""
+def test_half_precision_model_matches_hf(backend_device, dtype):
+    """A bfloat16 / float16 model on every backend (head_dim 32: the cpu backend's bfloat16 attention takes the AMX
+    kernel where the CPU has it, the cuda backend's 16-bit attention its tensor-core kernel): against a float32
+    forward of the same weights, fastbon's log-probs err no more than HF's own forward in that dtype does (twice,
+    plus 1e-3)."""
+    backend, device = backend_device
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=1)).eval()
@@ -331,7 +335,9 @@ def test_half_precision_model_matches_hf(dtype):
     model = model.to(dtype)
     wide = copy.deepcopy(model).float()
     prompts = [torch.arange(5, 40), torch.tensor([9, 3])]
-    result = fastbon.generate(model, prompts, n=4, max_new_tokens=12, seed=1, return_all=True)
+    result = fastbon.generate(model.to(device), [prompt.to(device) for prompt in prompts], n=4, max_new_tokens=12,
+                              seed=1, return_all=True, backend=backend)
+    model, result = model.cpu(), _on_cpu(result)
     ours = theirs = 0.0
     for b, prompt in enumerate(prompts):
         for j in range(4):
