@@ -297,7 +297,8 @@ struct Launch {
   void operator()(Args&&... args) const {
     if (!state().error.empty()) return;  // like a sticky error: nothing runs after a failure until it is read
     const auto limit = state().shared_limit.find(reinterpret_cast<const void*>(kernel));
-    const size_t allowed = limit == state().shared_limit.end() ? kDefaultDynamicShared : limit->second;
+    const size_t allowed = std::min(limit == state().shared_limit.end() ? kDefaultDynamicShared : limit->second,
+                                    state().device_shared_limit);
     const unsigned threads = block.x * block.y * block.z;
     if (threads == 0 || threads > kMaxThreadsPerBlock || block.z > 64) {
       fail("invalid block size " + std::to_string(threads));
@@ -307,10 +308,9 @@ struct Launch {
       fail("invalid grid size");
       return;
     }
-    if (dynamic_shared > std::min(allowed, state().device_shared_limit)) {
+    if (dynamic_shared > allowed) {
       fail("dynamic shared memory of " + std::to_string(dynamic_shared) + " bytes exceeds the " +
-           std::to_string(std::min(allowed, state().device_shared_limit)) +
-           "-byte limit (cudaFuncSetAttribute raises it up to the device's)");
+           std::to_string(allowed) + "-byte limit (cudaFuncSetAttribute raises it up to the device's)");
       return;
     }
     const std::tuple<std::decay_t<Params>...> arguments(std::forward<Args>(args)...);  // converted like a launch
