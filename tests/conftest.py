@@ -12,36 +12,38 @@ os.environ["FASTBON_POISON_OUTPUTS"] = "1"
 
 from fastbon import dispatch  # noqa: E402  (after the environment above)
 
+# The backend name under which the CUDA kernels' source runs on CPU tensors, compiled against the CUDA emulator.
+EMULATED_CUDA = "cuda-emulated"
+
 BACKEND_CASES = [pytest.param((backend, device), id=f"{backend}-{device}")
                  for device in ("cpu", "cuda") for backend in dispatch.BACKENDS]
-BACKEND_CASES.append(pytest.param(("cuda", "emulated"), id="cuda-emulated"))
+BACKEND_CASES.append(pytest.param((EMULATED_CUDA, "cpu"), id=EMULATED_CUDA))
 
 
 @pytest.fixture(scope="session")
 def emulated_cuda_backend(tmp_path_factory):
-    """csrc/cuda's kernels built against the CUDA emulator (tests/cuda_emulator.py), once per session."""
+    """csrc/cuda's kernels built against the CUDA emulator (tests/cuda_emulator.py), once per session, and registered
+    with the dispatcher as the backend "cuda-emulated" on CPU tensors (the dtypes of the real cuda backend)."""
     import cuda_emulator
 
     reason = cuda_emulator.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    return cuda_emulator.EmulatedCudaBackend(cuda_emulator.build(tmp_path_factory.mktemp("cuda_emulator")))
+    emulated = cuda_emulator.EmulatedCudaBackend(cuda_emulator.build(tmp_path_factory.mktemp("cuda_emulator")))
+    dispatch.register_backend(EMULATED_CUDA, {op: getattr(emulated, op) for op in dispatch.OPS},
+                              device_types=("cpu",), dtypes={op: dispatch.dtypes(op, "cuda") for op in dispatch.OPS})
+    yield emulated
+    dispatch.unregister_backend(EMULATED_CUDA)
 
 
 @pytest.fixture(params=BACKEND_CASES)
-def backend_device(request, monkeypatch):
+def backend_device(request):
     """(backend, device) for every backend; skipped, with the reason, where it cannot run on this machine.
-    ``cuda-emulated`` is ("cuda", "cpu") with the dispatcher routing backend="cuda" on CPU tensors to the emulated
-    CUDA kernels, so every backend test runs csrc/cuda's kernel source without a GPU."""
+    ``cuda-emulated`` runs every backend test through csrc/cuda's kernel source without a GPU."""
     backend, device = request.param
-    if device == "emulated":
-        emulated = request.getfixturevalue("emulated_cuda_backend")
-        real_reason, real_implementation = dispatch.unavailable_reason, dispatch.implementation
-        monkeypatch.setattr(dispatch, "unavailable_reason", lambda name, on: (
-            None if (name, on.type) == ("cuda", "cpu") else real_reason(name, on)))
-        monkeypatch.setattr(dispatch, "implementation", lambda op, name: (
-            getattr(emulated, op) if name == "cuda" else real_implementation(op, name)))
-        return "cuda", "cpu"
+    if backend == EMULATED_CUDA:
+        request.getfixturevalue("emulated_cuda_backend")
+        return backend, device
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     reason = dispatch.unavailable_reason(backend, torch.device(device))

@@ -101,12 +101,12 @@ def sample(logits, *, temperature, top_k, top_p, min_p, seed, step, row_index=No
     params = sampling_params(num_rows, logits.device, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, seed=seed)
     steps = _per_row("step", step, num_rows, torch.int64, logits.device, 0, 2**63 - 1)
-    return sample_implementation(logits.device, backend)(
+    return sample_implementation(logits.device, backend, logits.dtype)(
         logits.contiguous(), row_index.to(torch.int64).contiguous(), params.temperature, params.top_k, params.top_p,
         params.min_p, params.seed, steps)
 
 
-def sample_implementation(device: torch.device, backend: str | None = None):
-    """The backend function (contract of ``reference.sample``, inputs unchecked) that runs on ``device``:
-    resolved once by the decode loop, which calls it every step."""
-    return dispatch.implementation("sample", dispatch.resolve("sample", device, backend))
+def sample_implementation(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None):
+    """The backend function (contract of ``reference.sample``, inputs unchecked) that runs on ``device`` for logits
+    of ``dtype`` (None: any float dtype): resolved once by the decode loop, which calls it every step."""
+    return dispatch.implementation("sample", dispatch.resolve("sample", device, backend, dtype))

@@ -28,5 +28,5 @@ def select_topk(scores, k, *, backend=None):
         raise ValueError(f"k must lie in [1, n={scores.shape[1]}], got {k}")
     if torch.isnan(scores).any():
         raise ValueError("scores must not contain NaN")
-    chosen = dispatch.resolve("select_topk", scores.device, backend)
+    chosen = dispatch.resolve("select_topk", scores.device, backend, scores.dtype)
     return dispatch.implementation("select_topk", chosen)(scores.contiguous(), k)
