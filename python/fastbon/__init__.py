@@ -3,8 +3,9 @@
 from . import ops
 from .cache import SharedPrefixCache
 from .dispatch import backends
-from .generate import GenerationResult, generate
+from .generate import FINISH_REASONS, GenerationResult, generate
 from .scoring import Pruning, Samples
 
 __version__ = "0.1.0"
-__all__ = ["GenerationResult", "Pruning", "Samples", "SharedPrefixCache", "backends", "generate", "ops"]
+__all__ = ["FINISH_REASONS", "GenerationResult", "Pruning", "Samples", "SharedPrefixCache", "backends", "generate",
+           "ops"]

@@ -1,17 +1,29 @@
-"""SharedPrefixCache: each prompt's KV stored once, each sample's new KV in a preallocated suffix buffer.
+"""SharedPrefixCache: each prompt's KV stored once, each sample's new KV in a suffix buffer that grows with it.
 
 Layout per attention layer:
   prefix_keys / prefix_values   [B, Hkv, P_max, D]   prompt b's keys in positions [0, prefix_lens[b])
-  suffix_keys / suffix_values   [N, Hkv, T_max, D]   sample i's generated keys in positions [0, suffix_length)
+  suffix_keys / suffix_values   [N, Hkv, C, D]       sample i's generated keys in positions [0, suffix_length)
 with N = B·n samples and ``sample_to_prompt[i]`` the prompt of sample i. Every sample advances in lockstep (one
 token per decode step), so the suffix length is one Python int shared by all rows: appending a step is a slice
 copy, not a scatter, and needs no host sync.
+
+The suffix capacity C follows the tokens generated, never ``max_new_tokens``: it starts at ``SUFFIX_BLOCK``
+positions and doubles (capped at ``max_new_tokens``) when a step would pass it, so the bytes held stay within 2x
+of what the live rows wrote and the copies amortise to one per token. Rows leaving the batch are compacted by
+copying only the positions written so far.
 """
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .ops.attention import attention_implementation
+
+# Suffix positions allocated at the start (then doubling): one block covers most short completions.
+SUFFIX_BLOCK = 64
+
+
+def _suffix_buffer(num_samples: int, like: torch.Tensor, capacity: int) -> torch.Tensor:
+    return torch.empty((num_samples, like.shape[1], capacity, like.shape[3]), dtype=like.dtype, device=like.device)
 
 
 class SharedPrefixLayer(CacheLayerMixin):
@@ -20,14 +32,12 @@ class SharedPrefixLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, prefix_keys, prefix_values, num_samples: int, max_new_tokens: int, owner: "SharedPrefixCache"):
+    def __init__(self, prefix_keys, prefix_values, num_samples: int, capacity: int, owner: "SharedPrefixCache"):
         super().__init__()
         self.prefix_keys = prefix_keys
         self.prefix_values = prefix_values
-        num_kv_heads, head_dim = prefix_keys.shape[1], prefix_keys.shape[3]
-        shape = (num_samples, num_kv_heads, max_new_tokens, head_dim)
-        self.suffix_keys = torch.empty(shape, dtype=prefix_keys.dtype, device=prefix_keys.device)
-        self.suffix_values = torch.empty(shape, dtype=prefix_values.dtype, device=prefix_values.device)
+        self.suffix_keys = _suffix_buffer(num_samples, prefix_keys, capacity)
+        self.suffix_values = _suffix_buffer(num_samples, prefix_values, capacity)
         self.owner = owner
         self.is_initialized = True
 
@@ -46,15 +56,20 @@ class SharedPrefixLayer(CacheLayerMixin):
         return self.prefix_keys.shape[2] + self.owner.suffix_length
 
     def get_max_length(self) -> int:
-        return self.prefix_keys.shape[2] + self.suffix_keys.shape[2]
+        return self.prefix_keys.shape[2] + self.owner.max_new_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
-    def select_samples(self, rows: torch.Tensor) -> None:
-        """Keep only the given sample rows (early pruning): the suffix buffers shrink, the prefix stays."""
-        self.suffix_keys = self.suffix_keys.index_select(0, rows)
-        self.suffix_values = self.suffix_values.index_select(0, rows)
+    def resize_suffix(self, rows: torch.Tensor | None, written: int, capacity: int) -> None:
+        """New suffix buffers of ``capacity`` positions holding the first ``written`` positions of ``rows`` (all rows
+        when None): growth and compaction, copying only what was written."""
+        for name in ("suffix_keys", "suffix_values"):
+            old = getattr(self, name)
+            new = _suffix_buffer(old.shape[0] if rows is None else rows.shape[0], old, capacity)
+            written_part = old[:, :, :written]
+            new[:, :, :written] = written_part if rows is None else written_part.index_select(0, rows)
+            setattr(self, name, new)
 
     def nbytes(self) -> tuple[int, int]:
         """(prefix bytes, suffix bytes) held by this layer."""
@@ -66,7 +81,8 @@ class SharedPrefixLayer(CacheLayerMixin):
 class SharedPrefixCache(Cache):
     """A transformers ``Cache`` whose prompts' KV is stored once and shared by the n samples of each prompt.
 
-    Build it from a prefill with ``from_prompt_cache``; the decode loop calls ``advance()`` after each step.
+    Built from a prefill (``fastbon.prefill``); the decode loop calls ``reserve()`` before and ``advance()`` after
+    each step.
     The attention function registered by ``fastbon.hf`` reads the buffers through ``layers[module.layer_idx]``
     and runs ``self.attention``: the shared-prefix attention of the backend chosen once for this cache.
     """
@@ -77,29 +93,14 @@ class SharedPrefixCache(Cache):
         self.prefix_lens = prefix_lens.to(torch.int32)
         self.sample_to_prompt = sample_to_prompt.to(torch.int32)
         self.suffix_length = 0
+        self.max_new_tokens = max_new_tokens
+        self.suffix_capacity = min(SUFFIX_BLOCK, max_new_tokens)
+        self.attention_calls = 0  # layers served by fastbon's attention: the decode loop checks the routing with it
         num_samples = sample_to_prompt.shape[0]
-        layers = [SharedPrefixLayer(keys, values, num_samples, max_new_tokens, self)
+        layers = [SharedPrefixLayer(keys, values, num_samples, self.suffix_capacity, self)
                   for keys, values in zip(prefix_keys, prefix_values, strict=True)]
         super().__init__(layers=layers)
         self._refresh_lengths()
-
-    @classmethod
-    def from_prompt_cache(cls, prompt_cache: Cache, prompt_mask: torch.Tensor, samples_per_prompt: int,
-                          max_new_tokens: int, backend: str | None = None) -> "SharedPrefixCache":
-        """Take a left-padded prefill's cache ([B, Hkv, L, D] per layer, ``prompt_mask`` [B, L]) and move each
-        prompt's valid positions to the front, so prompt b occupies [0, prefix_lens[b]) of the shared prefix."""
-        prefix_lens = prompt_mask.sum(-1)
-        padding = prompt_mask.shape[1] - prefix_lens
-        positions = torch.arange(prompt_mask.shape[1], device=prompt_mask.device)
-        source = (positions[None, :] + padding[:, None]).clamp(max=prompt_mask.shape[1] - 1)
-        prefix_keys, prefix_values = [], []
-        for layer in prompt_cache.layers:
-            index = source[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            prefix_keys.append(layer.keys.gather(2, index))
-            prefix_values.append(layer.values.gather(2, index))
-        sample_to_prompt = torch.arange(prompt_mask.shape[0], device=prompt_mask.device).repeat_interleave(
-            samples_per_prompt)
-        return cls(prefix_keys, prefix_values, prefix_lens, sample_to_prompt, max_new_tokens, backend)
 
     @property
     def num_samples(self) -> int:
@@ -110,16 +111,27 @@ class SharedPrefixCache(Cache):
         self.suffix_lens = torch.full((self.num_samples,), self.suffix_length + 1, dtype=torch.int32,
                                       device=self.sample_to_prompt.device)
 
+    def reserve(self) -> None:
+        """Room for the next step's key: doubles the suffix capacity (capped at ``max_new_tokens``) when full."""
+        if self.suffix_length < self.suffix_capacity:
+            return
+        if self.suffix_length >= self.max_new_tokens:
+            raise RuntimeError(f"the cache holds max_new_tokens={self.max_new_tokens} positions already")
+        self.suffix_capacity = min(2 * self.suffix_capacity, self.max_new_tokens)
+        for layer in self.layers:
+            layer.resize_suffix(None, self.suffix_length, self.suffix_capacity)
+
     def advance(self) -> None:
         """One decode step has been written into every layer."""
         self.suffix_length += 1
         self._refresh_lengths()
 
     def select_samples(self, rows: torch.Tensor) -> None:
-        """Keep only the sample rows ``rows`` (int64, on the cache's device), in that order."""
+        """Keep only the sample rows ``rows`` (int64, on the cache's device), in that order; only the positions
+        written so far are copied."""
         self.sample_to_prompt = self.sample_to_prompt.index_select(0, rows)
         for layer in self.layers:
-            layer.select_samples(rows)
+            layer.resize_suffix(rows, self.suffix_length, self.suffix_capacity)
         self._refresh_lengths()
 
     def nbytes(self) -> tuple[int, int]:

@@ -1,20 +1,21 @@
 """Hugging Face glue: the attention function behind ``SharedPrefixCache``, model checks, and the HF-style entry.
 
-The unmodified HF model runs every forward. Prefill uses the model's own attention implementation; decode
-steps switch the model's config to ``"fastbon"``, registered here with transformers' ``AttentionInterface``,
-whose function reads the shared prefix and the sample's suffix from the cache and calls
-``fastbon.ops.shared_prefix_attention``.
+The unmodified HF model runs every forward and nothing about the model changes, ever: attention is routed per
+forward. Every attention implementation transformers knows ("sdpa", "eager", "flash_attention_2", ...) is wrapped
+once, process-wide, by a router that runs fastbon's shared-prefix decode attention when the forward was given a
+``SharedPrefixCache`` as ``shared_prefix_cache=`` (only fastbon's decode steps pass one) and the wrapped function
+otherwise. So fastbon's calls and HF's own on one model, from any number of threads, never see each other.
 """
 
-import contextlib
+import functools
 import inspect
+import threading
 
-import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-ATTENTION_NAME = "fastbon"
 CACHE_KWARG = "shared_prefix_cache"
+EAGER = "eager"  # not in transformers' registry: each modeling file has its own eager_attention_forward
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 
@@ -24,11 +25,11 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     ``key``/``value`` are the suffix buffers the cache returned; the prefix and the lengths come from the
     ``SharedPrefixCache`` passed down the forward as the keyword ``shared_prefix_cache``.
     """
-    cache = kwargs.get(CACHE_KWARG)
-    if cache is None or query.shape[2] != 1:
-        raise RuntimeError("the fastbon attention runs only decode steps of fastbon.generate (one token per sample, "
-                           f"with {CACHE_KWARG}= passed to the model)")
+    cache = kwargs[CACHE_KWARG]
+    if query.shape[2] != 1:
+        raise RuntimeError("the fastbon attention runs only decode steps of fastbon.generate (one token per sample)")
     layer = cache.layers[module.layer_idx]
+    cache.attention_calls += 1
     # The backend was chosen and the metadata checked once per generate call: no per-layer validation here.
     out = cache.attention(query[:, :, 0].contiguous(), layer.prefix_keys, layer.prefix_values, cache.prefix_lens,
                           layer.suffix_keys, layer.suffix_values, cache.suffix_lens, cache.sample_to_prompt,
@@ -36,25 +37,50 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     return out[:, None], None
 
 
-def _no_mask(*args, **kwargs):
-    """The decode mask is implied by the cache's lengths; nothing to build."""
-    return None
+def _module_eager_attention(module):
+    """The eager attention function of the modeling file that defines ``module`` (what transformers falls back to
+    for ``attn_implementation="eager"``)."""
+    function = getattr(inspect.getmodule(type(module)), "eager_attention_forward", None)
+    if function is None:
+        raise RuntimeError(f"{type(module).__name__}'s modeling file defines no eager_attention_forward")
+    return function
 
 
-AttentionInterface.register(ATTENTION_NAME, shared_prefix_attention_forward)
-AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+def _router(wrapped):
+    """An attention function that serves fastbon's decode steps and hands every other call to ``wrapped``
+    (``None``: the calling module's own eager attention)."""
+
+    def route(module, query, key, value, attention_mask, *args, **kwargs):
+        if kwargs.get(CACHE_KWARG) is not None:
+            return shared_prefix_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+        target = wrapped if wrapped is not None else _module_eager_attention(module)
+        return target(module, query, key, value, attention_mask, *args, **kwargs)
+
+    if wrapped is not None:
+        functools.update_wrapper(route, wrapped)
+    route.fastbon_routes = wrapped
+    return route
 
 
-@contextlib.contextmanager
-def decode_attention(model):
-    """Run the block's forwards with the fastbon attention; the model's own implementation comes back after."""
-    config = model.config
-    original = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
+_ROUTING_LOCK = threading.Lock()
+
+
+def route_attention(implementation: str) -> None:
+    """Make attention implementation ``implementation`` route fastbon's decode steps (idempotent; run at import for
+    every registered implementation and again per call, for one registered since)."""
+    if hasattr(ALL_ATTENTION_FUNCTIONS.get(implementation), "fastbon_routes"):
+        return
+    with _ROUTING_LOCK:
+        current = ALL_ATTENTION_FUNCTIONS.get(implementation)  # None for eager: the module's own function
+        if hasattr(current, "fastbon_routes"):
+            return
+        if current is None and implementation != EAGER:
+            raise ValueError(f"attention implementation {implementation!r} is not registered with transformers")
+        AttentionInterface.register(implementation, _router(current))
+
+
+for _implementation in (EAGER, *list(ALL_ATTENTION_FUNCTIONS.keys())):
+    route_attention(_implementation)
 
 
 def forward_parameters(model) -> set:
@@ -94,31 +120,12 @@ def check_model(model, max_total_length: int) -> None:
         raise ValueError(f"model type {model_type!r} has no language-model head")
 
 
-def generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
-             synced_gpus=False, streamer=None, fastbon_score="mean_logprob", fastbon_seed=None, **model_kwargs):
-    """``model.generate(..., custom_generate=fastbon.hf.generate, num_return_sequences=n, do_sample=True)``.
+def __getattr__(name):
+    """``fastbon.hf.generate``, the HF-style entry (``custom_generate=fastbon.hf.generate``), lives in
+    ``fastbon.integrations.transformers``: it needs the decode loop, which needs this module, so it is looked up
+    only when asked for and this module never imports generate.py."""
+    if name == "generate":
+        from .integrations.transformers import generate
 
-    transformers hands over ``input_ids`` already repeated n times per prompt (token ids only, a cheap copy);
-    this takes every n-th row, so each prompt is still prefilled and stored once, runs ``fastbon.generate``
-    with the generation config's temperature / top_k / top_p / min_p / max_new_tokens / eos, and returns
-    HF's layout: [B·n, L + T] prompt + completion, each prompt's n samples ranked best first by
-    ``fastbon_score`` ("mean_logprob", "sum_logprob" or a callable, as in ``fastbon.generate``).
-    Custom logits processors and stopping criteria are not applied (transformers' defaults are implied by
-    the generation config, which is honoured).
-    """
-    from .generate import generate as fastbon_generate
-
-    config = generation_config
-    n = config.num_return_sequences or 1
-    attention_mask = model_kwargs.get("attention_mask")
-    prompts, prompt_mask = input_ids[::n], (attention_mask[::n] if attention_mask is not None else None)
-    sampling = dict(temperature=config.temperature if config.temperature is not None else 1.0,
-                    top_k=config.top_k or 0, top_p=config.top_p if config.top_p is not None else 1.0,
-                    min_p=config.min_p or 0.0)
-    if not config.do_sample:
-        sampling = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0)
-    max_new_tokens = config.max_new_tokens or max(1, config.max_length - input_ids.shape[1])
-    result = fastbon_generate(model, prompts, n=n, k=n, max_new_tokens=max_new_tokens, eos_token_id=config.eos_token_id,
-                              score=fastbon_score, seed=fastbon_seed, attention_mask=prompt_mask, **sampling)
-    completions = result.sequences.reshape(prompts.shape[0] * n, -1)
-    return torch.cat([input_ids, completions.to(input_ids.device)], dim=1)
+        return generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

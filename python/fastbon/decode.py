@@ -1,0 +1,271 @@
+"""The decode loop: prefill once, then every sample steps in lockstep over one SharedPrefixCache.
+
+The host reads the device only at sync points (every ``SYNC_EVERY`` steps, and at pruning checkpoints): the
+"all finished" and "NaN seen" flags, stop strings, and finished rows leaving the batch.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import hf
+from .cache import SharedPrefixCache
+from .ops.sampling import SamplingParams, sample_implementation
+from .ops.topk import select_topk
+from .prefill import prefill
+from .scoring import Pruning, Samples, compute_scores
+from .stop_strings import StopStrings
+
+SYNC_EVERY = 8
+LOGPROB_MODES = ("raw", "processed")
+# Why each sample ended: ``GenerationResult.finish_reasons`` holds indices into this tuple.
+FINISH_REASONS = ("length", "eos", "stop", "pruned")
+EOS, STOP, PRUNED = (FINISH_REASONS.index(reason) for reason in ("eos", "stop", "pruned"))
+FIRST_COLUMNS = 64  # result columns allocated at the start, then doubling
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    n: int
+    max_new_tokens: int
+    eos_ids: list
+    pad_token_id: int
+    backend: str | None
+    prune: Pruning | None
+    logprobs: str
+    stops: StopStrings | None
+    repetition_penalty: float
+
+
+@dataclass
+class DecodeOutput:
+    """Per sample (N = B·n, prompt-major): tokens [N, T], logprobs [N, T] (0 on padding), lengths [N],
+    finish_reasons int8 [N], pruned bool [N]."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    lengths: torch.Tensor
+    finish_reasons: torch.Tensor
+    pruned: torch.Tensor
+
+
+class _Batch:
+    """The rows still decoding: per-row state that shrinks together when samples finish or are pruned.
+
+    ``sample_ids`` maps each row to its sample (prompt-major, so a prompt's rows stay adjacent; prompts hold
+    different numbers of rows once samples finish); the result buffers are indexed by it and never shrink.
+    ``seen`` [rows, V] marks the tokens of each row's prompt and completion (for the repetition penalty).
+    """
+
+    def __init__(self, sample_ids, next_position, params, seen):
+        self.sample_ids, self.next_position, self.params, self.seen = sample_ids, next_position, params, seen
+        self.finished = torch.zeros_like(sample_ids, dtype=torch.bool)
+        self.token = None  # the previous step's draw, fed back from step 1 on
+        self._refresh()
+
+    def _refresh(self):
+        rows = self.sample_ids.shape[0]
+        self.rows = torch.arange(rows, device=self.sample_ids.device)
+        # A prepared 4-D mask makes HF skip its mask construction; the fastbon attention reads lengths instead.
+        self.decode_mask = torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=self.sample_ids.device)
+
+    def select(self, rows):
+        self.sample_ids, self.next_position = self.sample_ids[rows], self.next_position[rows]
+        self.finished, self.token, self.params = self.finished[rows], self.token[rows], self.params.select(rows)
+        if self.seen is not None:
+            self.seen = self.seen[rows]
+        self._refresh()
+
+
+def penalize_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's ``RepetitionPenaltyLogitsProcessor``: logits of seen tokens divided by ``penalty`` where
+    positive and multiplied where negative."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def token_logprobs(logits: torch.Tensor, token: torch.Tensor, temperature: torch.Tensor | None) -> torch.Tensor:
+    """log_softmax(logits / temperature)[token] per row in float32 (temperature None or 0: no scaling)."""
+    rows = logits.float()
+    if temperature is not None:
+        rows = rows / torch.where(temperature > 0, temperature, 1.0)[:, None]
+    return rows.gather(1, token[:, None])[:, 0] - torch.logsumexp(rows, dim=-1)
+
+
+def _widen(buffer: torch.Tensor, columns: int, fill) -> torch.Tensor:
+    wider = buffer.new_full((buffer.shape[0], columns), fill)
+    wider[:, :buffer.shape[1]] = buffer
+    return wider
+
+
+class _Run:
+    """One decode: the cache, the live rows and the result buffers (which grow with the steps taken)."""
+
+    def __init__(self, model, prompts, params: SamplingParams, settings: DecodeSettings, stats: dict):
+        self.model, self.settings, self.stats = model, settings, stats
+        self.device = params.seed.device
+        self.num_prompts, self.n = len(prompts), settings.n
+        num_samples = self.num_prompts * settings.n
+        self.logits, prefix_keys, prefix_values, prefix_lens = prefill(model, prompts, settings.pad_token_id,
+                                                                       self.device, stats)
+        sample_to_prompt = torch.arange(self.num_prompts, device=self.device).repeat_interleave(settings.n)
+        self.cache = SharedPrefixCache(prefix_keys, prefix_values, prefix_lens, sample_to_prompt,
+                                       settings.max_new_tokens, settings.backend)
+        stats["prefix_kv_bytes"] = self.cache.nbytes()[0]
+        self.sample = sample_implementation(self.device, settings.backend)
+        self.row_index = sample_to_prompt  # step 0 samples every sample of a prompt from the prompt's row
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            self.prompt_seen = torch.zeros_like(self.logits, dtype=torch.bool)
+            for row, prompt in enumerate(prompts):
+                self.prompt_seen[row, prompt.to(self.device)] = True
+            seen = self.prompt_seen[sample_to_prompt]
+        self.batch = _Batch(torch.arange(num_samples, device=self.device), prefix_lens.long()[sample_to_prompt],
+                            params, seen)
+        columns = min(FIRST_COLUMNS, settings.max_new_tokens)
+        self.tokens = torch.full((num_samples, columns), settings.pad_token_id, dtype=torch.int64, device=self.device)
+        self.logprobs = torch.zeros((num_samples, columns), dtype=torch.float32, device=self.device)
+        self.lengths = torch.zeros(num_samples, dtype=torch.int64, device=self.device)
+        self.finish_reasons = torch.zeros(num_samples, dtype=torch.int8, device=self.device)
+        self.pruned = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
+        self.not_finite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.candidates = torch.arange(num_samples, device=self.device)  # samples not pruned: what pruning ranks
+        self.eos = torch.tensor(settings.eos_ids, dtype=torch.int64, device=self.device)
+        self.steps = self.checked_steps = self.tokens_generated = 0
+        self.peak_suffix_bytes = 0
+        self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
+
+    def _forward(self):
+        """One decode step of the model over the live rows: logits [rows, V]."""
+        batch, cache = self.batch, self.cache
+        cache.reserve()
+        self.peak_suffix_bytes = max(self.peak_suffix_bytes, cache.nbytes()[1])
+        logits = self.model(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
+                            attention_mask=batch.decode_mask, use_cache=True,
+                            **{hf.cache_argument(self.model): cache, hf.CACHE_KWARG: cache},
+                            **self.forward_extra).logits[:, -1]
+        if self.steps == 1 and cache.attention_calls != len(cache.layers):
+            raise RuntimeError(f"model type {self.model.config.model_type!r}: {cache.attention_calls} of "
+                               f"{len(cache.layers)} attention layers ran through transformers' AttentionInterface; "
+                               "fastbon serves only models whose attention does")
+        cache.advance()
+        batch.next_position = batch.next_position + 1
+        return logits
+
+    def step(self):
+        """Sample the next token of every live row and record it."""
+        batch, settings, step = self.batch, self.settings, self.steps
+        logits = self.logits if step == 0 else self._forward()
+        row_index = self.row_index if step == 0 else None  # None: one logits row per batch row
+        params = batch.params
+        sampled_logits = logits
+        if batch.seen is not None:
+            sampled_logits = penalize_repetitions(logits, self.prompt_seen if step == 0 else batch.seen,
+                                                  settings.repetition_penalty)
+        rows = batch.rows if row_index is None else row_index
+        batch.token, logprob = self.sample(sampled_logits.contiguous(), rows, params.temperature, params.top_k,
+                                           params.top_p, params.min_p, params.seed,
+                                           torch.full_like(batch.sample_ids, step))
+        if settings.logprobs == "processed" or batch.seen is not None:
+            source = sampled_logits if settings.logprobs == "processed" else logits
+            source = source if row_index is None else source.index_select(0, row_index)
+            logprob = token_logprobs(source, batch.token,
+                                     params.temperature if settings.logprobs == "processed" else None)
+        if batch.seen is not None:
+            batch.seen[batch.rows, batch.token] = True
+        if step >= self.tokens.shape[1]:
+            columns = min(2 * self.tokens.shape[1], settings.max_new_tokens)
+            self.tokens = _widen(self.tokens, columns, settings.pad_token_id)
+            self.logprobs = _widen(self.logprobs, columns, 0.0)
+        live = ~batch.finished
+        self.tokens[batch.sample_ids, step] = torch.where(live, batch.token, settings.pad_token_id)
+        self.logprobs[batch.sample_ids, step] = torch.where(live, logprob, 0.0)
+        self.lengths[batch.sample_ids] += live
+        self.not_finite |= (live & ~torch.isfinite(logprob)).any()
+        if self.eos.numel():
+            at_eos = live & torch.isin(batch.token, self.eos)
+            self.finish_reasons[batch.sample_ids] = torch.where(at_eos, EOS, self.finish_reasons[batch.sample_ids])
+            batch.finished |= at_eos
+        self.steps += 1
+        self.tokens_generated += batch.sample_ids.shape[0]
+
+    def check_stops(self):
+        """Stop strings over the tokens since the last check: a stopping sample keeps up to its completing token
+        (the overshoot, at most one sync interval, is trimmed) and finishes like at EOS."""
+        stops, batch = self.settings.stops, self.batch
+        if stops is None or self.checked_steps == self.steps:
+            return
+        start = max(0, self.checked_steps + 1 - stops.window)
+        found = stops.first_stops(self.tokens[batch.sample_ids, start:self.steps],
+                                  self.lengths[batch.sample_ids] - start, self.checked_steps - start)
+        self.checked_steps = self.steps
+        rows = [row for row, position in enumerate(found) if position is not None]
+        if not rows:
+            return
+        row_index = torch.tensor(rows, device=self.device)
+        last = torch.tensor([start + found[row] for row in rows], device=self.device)
+        samples = batch.sample_ids[row_index]
+        after = torch.arange(self.steps, device=self.device)[None, :] > last[:, None]
+        self.tokens[samples, :self.steps] = self.tokens[samples, :self.steps].masked_fill(
+            after, self.settings.pad_token_id)
+        self.logprobs[samples, :self.steps] = self.logprobs[samples, :self.steps].masked_fill(after, 0.0)
+        self.lengths[samples] = last + 1
+        self.finish_reasons[samples] = STOP
+        batch.finished[row_index] = True
+
+    def keep_rows(self, rows):
+        self.batch.select(rows)
+        self.cache.select_samples(rows)
+
+    def samples_so_far(self, sample_ids, prompts):
+        ids = sample_ids.view(self.num_prompts, -1)
+        return Samples(prompts=prompts, sequences=self.tokens[ids, :self.steps], lengths=self.lengths[ids],
+                       token_logprobs=self.logprobs[ids, :self.steps], pad_token_id=self.settings.pad_token_id,
+                       sample_ids=ids % self.n)
+
+    def prune(self, prompts):
+        """Keep the best ``prune.keep`` of each prompt's candidates (its samples not pruned yet, finished or not;
+        the same number for every prompt) by the partial score; the others are marked pruned and leave."""
+        prune, candidates = self.settings.prune, self.candidates
+        per_prompt = candidates.shape[0] // self.num_prompts
+        keep = max(prune.min_keep, math.ceil(per_prompt * prune.keep))
+        if keep >= per_prompt:
+            return
+        partial = compute_scores(prune.score, self.samples_so_far(candidates, prompts))
+        _, best = select_topk(partial, keep)
+        kept = candidates.view(self.num_prompts, per_prompt).gather(1, best.sort(dim=-1).values).flatten()
+        is_kept = torch.zeros_like(self.pruned)
+        is_kept[kept] = True
+        self.pruned[candidates[~is_kept[candidates]]] = True
+        self.keep_rows(is_kept[self.batch.sample_ids].nonzero().flatten())
+        self.stats["pruned"] = self.stats.get("pruned", 0) + (per_prompt - keep) * self.num_prompts
+        self.candidates = kept
+
+
+def decode(model, prompts: list, params: SamplingParams, settings: DecodeSettings, stats: dict) -> DecodeOutput:
+    """Prefill once, then sample n continuations per prompt in lockstep (``prompts``: B 1-D CPU id tensors)."""
+    hf.route_attention(model.config._attn_implementation)
+    run = _Run(model, prompts, params, settings, stats)
+    device_prompts = [prompt.to(run.device) for prompt in prompts]
+    max_new_tokens, prune = settings.max_new_tokens, settings.prune
+    while run.steps < max_new_tokens:
+        run.step()
+        if run.steps % SYNC_EVERY == 0 or run.steps == max_new_tokens:
+            if bool(run.not_finite):
+                raise FloatingPointError("the model produced NaN or infinite logits during decoding")
+            run.check_stops()
+            unfinished = (~run.batch.finished).nonzero().flatten()
+            if unfinished.numel() == 0 or run.steps == max_new_tokens:
+                break
+            # Finished samples leave the batch while the host looks anyway.
+            if unfinished.numel() < run.batch.sample_ids.numel():
+                run.keep_rows(unfinished)
+        if prune is not None and run.steps % prune.every == 0 and run.steps < max_new_tokens:
+            run.check_stops()  # the partial scores must see stopped samples as finished
+            run.prune(device_prompts)
+            if not bool((~run.batch.finished).any()):  # only finished samples survived (pruning read the host anyway)
+                break
+    stats["decode_steps"], stats["tokens_generated"] = run.steps, run.tokens_generated
+    stats["suffix_kv_bytes"] = run.peak_suffix_bytes
+    return DecodeOutput(tokens=run.tokens[:, :run.steps], logprobs=run.logprobs[:, :run.steps], lengths=run.lengths,
+                        finish_reasons=run.finish_reasons, pruned=run.pruned)

@@ -1,0 +1,51 @@
+"""Stop strings: a sample finishes at the token that completes the first occurrence of a stop string in its
+decoded completion, matched across token boundaries (transformers' ``StopStringCriteria`` semantics: the
+completing token is kept whole, overhang included; nothing after it).
+
+Matching runs on the host at the decode loop's existing sync points, never per step: the tokens generated since
+the last check are decoded in windows (each ending at one new token, long enough to hold any stop string) in one
+batched ``tokenizer.batch_decode``; the loop then trims the overshoot (at most one sync interval of tokens).
+"""
+
+import torch
+
+
+class StopStrings:
+    """The stop strings of one call and the tokenizer that decodes them."""
+
+    def __init__(self, stop_strings, tokenizer):
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if not isinstance(stop_strings, (list, tuple)) or not stop_strings:
+            raise TypeError(f"stop_strings must be a non-empty list of strings, got {stop_strings!r}")
+        for string in stop_strings:
+            if not isinstance(string, str) or not string:
+                raise ValueError(f"stop_strings must hold non-empty strings, got {string!r}")
+        if tokenizer is None:
+            raise ValueError("stop_strings need tokenizer= (the model's tokenizer decodes the completions)")
+        if not hasattr(tokenizer, "batch_decode"):
+            raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+        self.strings = tuple(stop_strings)
+        self.tokenizer = tokenizer
+        # A stop string of c characters spans at most 4c tokens (byte-level BPE: a token may hold one byte of a
+        # UTF-8 character); a few more tokens on the left keep the window's own left edge (a SentencePiece
+        # leading space, a cut character) away from any match.
+        self.window = 4 * max(len(string) for string in self.strings) + 4
+
+    def first_stops(self, tokens: torch.Tensor, lengths: torch.Tensor, start: int) -> list:
+        """For each row of ``tokens`` [R, S] (S >= its length; positions before ``start`` were checked before),
+        the position of the token completing its first stop string at or after ``start``, or None."""
+        tokens, lengths = tokens.cpu().tolist(), lengths.cpu().tolist()
+        windows, owners = [], []
+        for row, (ids, length) in enumerate(zip(tokens, lengths, strict=True)):
+            for position in range(start, length):
+                windows.append(ids[max(0, position + 1 - self.window):position + 1])
+                owners.append((row, position))
+        stops = [None] * len(tokens)
+        if not windows:
+            return stops
+        texts = self.tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        for (row, position), text in zip(owners, texts, strict=True):
+            if stops[row] is None and any(string in text for string in self.strings):
+                stops[row] = position
+        return stops
