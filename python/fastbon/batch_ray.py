@@ -1,0 +1,113 @@
+"""``fastbon.batch`` on Ray Data: the input read by Ray, one actor per worker that loads the model once, and
+the same parts, resume and samples as the local path.
+
+Ray Data reads the input (``read_json`` / ``read_parquet``, so object-storage paths work); the driver checks it
+and cuts it into the same groups as the local path (``fastbon.batch.plan_groups``); the groups become a data set
+of one row per group, one block each, and ``map_batches`` runs ``GroupWorker`` on them over
+``ActorPoolStrategy(size=workers)``, one GPU per actor when the cluster has GPUs, else ``threads_per_worker``
+CPUs. Each call writes its group's part itself (atomically, named by the group's ids, so a retried call rewrites
+the same part) and returns one row of counts, which the driver reads as a stream for the progress bar.
+
+Why rows are groups and not prompts: a group is one ``fastbon.generate`` call, and what else is in the batch
+changes the float rounding of its matmuls. Handing Ray whole groups keeps every prompt's batch the same for any
+worker count, retry or resume. (A ``groupby`` would do the same by shuffling, but Ray's hash shuffle needs free
+CPUs beside the actors, which a 2-core node does not have.) Ray does placement, retries (a killed actor is
+restarted and its call rerun: ``max_restarts`` / ``max_task_retries`` below) and back-pressure.
+"""
+
+import os
+
+from . import batch_io
+
+# A killed or crashed actor is restarted and its call retried, without limit: a part is rewritten whole or not.
+RETRIES = dict(max_restarts=-1, max_task_retries=-1)
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise ImportError("fastbon.batch on Ray needs Ray Data: pip install 'fastbon[ray]'") from error
+    return ray
+
+
+def connect(address) -> bool:
+    """Join the Ray cluster at ``address`` (True: the one this process already joined, else a new local one).
+    Returns whether this call started Ray, so the caller shuts it down after the job."""
+    ray = _ray()
+    if ray.is_initialized():
+        return False
+    if address is True:
+        ray.init(include_dashboard=False)
+    else:
+        if not isinstance(address, str):
+            raise TypeError(f"ray must be False, True or an address string, got {address!r}")
+        ray.init(address=address)
+    return True
+
+
+def cluster_has_gpus() -> bool:
+    return _ray().cluster_resources().get("GPU", 0) >= 1
+
+
+def read_input(path) -> "batch_io.pyarrow.Table":
+    """The input as one checked table, read by Ray Data in file order (row numbers are the default ids)."""
+    ray = _ray()
+    pyarrow = batch_io.pyarrow_modules()[0]
+    kind = batch_io.input_format(path)
+    context = ray.data.DataContext.get_current()
+    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        dataset = ray.data.read_parquet(path) if kind == "parquet" else ray.data.read_json(path)
+        table = pyarrow.concat_tables(ray.get(dataset.to_arrow_refs()), promote_options="default")
+    except (ray.exceptions.RayError, OSError, FileNotFoundError, pyarrow.ArrowInvalid) as error:
+        raise ValueError(f"input: cannot read {path}: {error}") from error
+    finally:
+        context.execution_options.preserve_order = preserve_order
+    return batch_io.check_input(table, f"input: {path}")
+
+
+class GroupWorker:
+    """A Ray actor's state: the model, tokenizer and score, loaded once; each call runs one group."""
+
+    def __init__(self, config: dict, output: str, on_gpu: bool, threads: int):
+        import torch
+
+        from .batch import BatchConfig, PromptGenerator
+
+        if not on_gpu:
+            torch.set_num_threads(threads)
+        self.generate = PromptGenerator(BatchConfig(**config), "cuda" if on_gpu else "cpu")
+        self.output, self.jsonl = output, config["jsonl"]
+
+    def __call__(self, groups):
+        pyarrow = batch_io.pyarrow_modules()[0]
+        counts = {"prompts": [], "tokens": [], "pid": []}
+        for ids, prompts in zip(groups["ids"].to_pylist(), groups["prompts"].to_pylist(), strict=True):
+            rows, tokens = self.generate(ids, prompts)
+            batch_io.write_part(self.output, batch_io.part_key(ids), rows, self.jsonl)
+            counts["prompts"].append(len(ids))
+            counts["tokens"].append(tokens)
+            counts["pid"].append(os.getpid())
+        return pyarrow.table(counts)
+
+
+def run_on_ray(config, table, groups: list, output, meter, *, workers: int, threads_per_worker: int,
+               on_gpu: bool) -> None:
+    """Run ``groups`` (lists of row positions of ``table``) on the connected Ray cluster into ``output``."""
+    if not groups:
+        return
+    ray = _ray()
+    pyarrow = batch_io.pyarrow_modules()[0]
+    prompt_column = "prompt" if "prompt" in table.column_names else "messages"
+    blocks = [pyarrow.table({"ids": [table["id"].take(group).to_pylist()],
+                             "prompts": [table[prompt_column].take(group).to_pylist()]}) for group in groups]
+    config_dict = {**vars(config), "stop": tuple(config.stop)}
+    resources = dict(num_gpus=1) if on_gpu else dict(num_cpus=threads_per_worker)
+    counts = ray.data.from_arrow(blocks).map_batches(
+        GroupWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
+                                   threads=threads_per_worker), **resources, **RETRIES)
+    for row in counts.iter_rows():
+        meter.update(row["prompts"], row["tokens"])
