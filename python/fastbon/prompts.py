@@ -59,6 +59,8 @@ def prepare_prompts(input_ids, attention_mask, vocab_size: int, device) -> list:
                                  f"{tuple(prompt.shape)}")
             rows.append(prompt)
     elif isinstance(input_ids, torch.Tensor):
+        if input_ids.device != torch.device(device):
+            raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
         rows = _rows_from_padded(input_ids, attention_mask)
     else:
         raise TypeError(f"input_ids must be a tensor or a list of 1-D tensors, got {type(input_ids).__name__}")
