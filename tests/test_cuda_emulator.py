@@ -31,6 +31,15 @@ __global__ void prefix_sums(float* out) {
   out[blockDim.x + threadIdx.x] = total;
 }
 
+// Inexact values: each thread's inclusive prefix must equal the next thread's exclusive one bit for bit.
+__global__ void prefix_tiles(float* out) {
+  __shared__ float scratch[32];
+  float total, inclusive;
+  out[threadIdx.x] = fastbon::cuda::block_exclusive_sum(1.0f / (1 + threadIdx.x % 7), scratch, &total, &inclusive);
+  out[blockDim.x + threadIdx.x] = inclusive;
+  if (threadIdx.x == 0) out[2 * blockDim.x] = total;
+}
+
 // Lanes 0-7 take one more loop trip than the rest, each with a full-mask shuffle: the bug the emulator found in
 // the first CUDA attention kernel for head_dim = 40.
 __global__ void divergent_shuffle(float* out) {
@@ -118,6 +127,7 @@ __global__ void misaligned_load(float* out) {
 
 ENTRY(warp_sums, )
 ENTRY(prefix_sums, )
+ENTRY(prefix_tiles, )
 ENTRY(divergent_shuffle, )
 ENTRY(divergent_shuffles, )
 ENTRY(missing_barrier, )
@@ -175,6 +185,40 @@ def test_warp_and_block_collectives(kernels):
     assert message == ""
     assert torch.equal(out[:threads], torch.cumsum(values, 0) - values)
     assert torch.all(out[threads:] == values.sum())
+
+
+def test_block_prefix_sum_segments_tile_the_total(kernels):
+    """The sampler's draw gives the target to the one thread with exclusive <= target < inclusive: that needs the
+    intervals to tile [0, total) exactly, with float rounding."""
+    threads = 512
+    out, message = _run(kernels, "prefix_tiles", threads, outputs=2 * threads + 1)
+    exclusive, inclusive, total = out[:threads], out[threads:2 * threads], out[2 * threads]
+    assert message == ""
+    assert exclusive[0] == 0 and torch.equal(inclusive[:-1], exclusive[1:]) and inclusive[-1] == total
+    values = 1.0 / (1 + torch.arange(threads, dtype=torch.float64) % 7)
+    torch.testing.assert_close(total.double(), values.sum(), rtol=1e-6, atol=0)
+
+
+def test_sampler_is_deterministic_where_float_atomics_were_not(emulated_cuda_backend):
+    """Rows whose top-p cutoff lies within float rounding of a bucket's mass: the emulator runs the threads in a new
+    random order every launch, so float atomicAdd histograms gave these rows different thresholds (and tokens) from
+    one launch to the next (3-6 of the 48 rows differed in 3 launches); fixed-point masses give the same tokens."""
+    generator = torch.Generator().manual_seed(0)
+    # Token 0 (p = 0.124, the next bucket down) is kept or not depending on the mass of the 1000 tokens in
+    # [0.13, 0.49): being first in vocabulary order, it shifts every CDF boundary of the draw.
+    probs = torch.cat([torch.tensor([0.124, 1.0], dtype=torch.float64),
+                       torch.rand(1000, generator=generator, dtype=torch.float64) * 0.36 + 0.13])
+    logits = probs.log().float()[None]
+    rounded = logits[0].double().exp()
+    critical = (1 + rounded[2:].sum()) / rounded.sum()  # top_p at which token 0 enters the kept set
+    rows = 48
+    top_p = (critical * (1 + torch.linspace(-4e-7, 4e-7, rows, dtype=torch.float64))).float()
+    arguments = (logits, torch.zeros(rows, dtype=torch.int64), torch.ones(rows), torch.zeros(rows, dtype=torch.int32),
+                 top_p, torch.zeros(rows), torch.arange(rows, dtype=torch.int64), torch.zeros(rows, dtype=torch.int64))
+    first, _ = emulated_cuda_backend.sample(*arguments)
+    for _ in range(2):
+        again, _ = emulated_cuda_backend.sample(*arguments)
+        assert torch.equal(again, first), f"rows {(again != first).nonzero().flatten().tolist()} changed"
 
 
 def test_lanes_on_different_collectives_are_an_error(kernels):

@@ -59,8 +59,14 @@ __device__ __forceinline__ T block_reduce(T value, Op op, T* scratch) {
   return result;
 }
 
-// Block-wide exclusive prefix sum in thread order; *total gets the sum of all values.
-__device__ __forceinline__ float block_exclusive_sum(float value, float* scratch, float* total) {
+// Block-wide reductions in a fixed order (a fixed shuffle tree, then the warps in order): the same inputs give the
+// same result bit for bit on every run, unlike float atomics.
+
+// Block-wide exclusive prefix sum in thread order; *total gets the sum of all values and *inclusive (when given)
+// this thread's inclusive prefix, which is bit for bit the next thread's exclusive one (and the last thread's equals
+// *total), so the intervals [exclusive, inclusive) tile [0, total) without overlap or gap.
+__device__ __forceinline__ float block_exclusive_sum(float value, float* scratch, float* total,
+                                                     float* inclusive_out = nullptr) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float inclusive = value;
   for (int offset = 1; offset < 32; offset *= 2) {
@@ -78,6 +84,7 @@ __device__ __forceinline__ float block_exclusive_sum(float value, float* scratch
   }
   __syncthreads();
   *total = sum;
+  if (inclusive_out != nullptr) *inclusive_out = before + inclusive;
   return before + exclusive;
 }
 
