@@ -315,7 +315,7 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
         config = replace(config, dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         table = batch_io.read_input(input)
         job = _Job(config, table, output, batch_prompts, progress)
-        generator = PromptGenerator(config, device)
+        generator = PromptGenerator(config, device) if job.groups else None
         prompts = table[job.prompt_column].to_pylist()
         for group in job.groups:
             group_ids = [job.ids[position] for position in group]

@@ -19,9 +19,6 @@ import os
 
 from . import batch_io
 
-# A killed or crashed actor is restarted and its call retried, without limit: a part is rewritten whole or not.
-RETRIES = dict(max_restarts=-1, max_task_retries=-1)
-
 
 def _ray():
     try:
@@ -108,6 +105,6 @@ def run_on_ray(config, table, groups: list, output, meter, *, workers: int, thre
     counts = ray.data.from_arrow(blocks).map_batches(
         GroupWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
-                                   threads=threads_per_worker), **resources, **RETRIES)
+                                   threads=threads_per_worker), **resources)
     for row in counts.iter_rows():
         meter.update(row["prompts"], row["tokens"])

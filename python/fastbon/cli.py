@@ -1,4 +1,4 @@
-"""``fastbon run | demo | bench``: best-of-n from the command line."""
+"""``fastbon run | batch | demo | bench``: best-of-n from the command line."""
 
 import argparse
 import sys
@@ -55,6 +55,45 @@ def run(args) -> int:
     return 0
 
 
+def _batch_arguments(parser):
+    parser.add_argument("input", help="a JSONL or Parquet file: a 'prompt' column (or chat 'messages'), optional 'id'")
+    parser.add_argument("-o", "--output", required=True, help="the output folder of Parquet parts (rerun to resume)")
+    parser.add_argument("--model", default=None, help="a local Hugging Face model folder (default: embedded)")
+    _sampling_arguments(parser)
+    parser.add_argument("--all", dest="return_all", action="store_true", help="write all n samples, not the best k")
+    parser.add_argument("--score", default="mean_logprob",
+                        help="mean_logprob | sum_logprob | a reward-model folder | module:function "
+                             "(function(tokenizer) returns a score callable, e.g. fastbon.scoring.verifier(check, "
+                             "tokenizer))")
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeat for more)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--logprobs", default="raw", help="raw | processed (log-probs after temperature)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPUs)")
+    parser.add_argument("--batch-prompts", type=int, default=16, help="prompts per fastbon.generate call and part")
+    parser.add_argument("--jsonl", action="store_true", help="also write each part as JSONL (OUTPUT/_jsonl)")
+    parser.add_argument("--ray", nargs="?", const=True, default=False, metavar="ADDRESS",
+                        help="run on Ray Data: the cluster at ADDRESS, or a local one (put it after INPUT)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray actors (one GPU each on GPU nodes)")
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="CPU threads per Ray actor on CPU nodes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def batch(args) -> int:
+    from .batch import run as run_batch
+
+    summary = run_batch(args.input, args.output, model=args.model, n=args.n, k=args.k, return_all=args.return_all,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                        seed=args.seed, score=args.score, stop=args.stop, logprobs=args.logprobs, dtype=args.dtype,
+                        jsonl=args.jsonl, batch_prompts=args.batch_prompts, device=args.device, ray=args.ray,
+                        workers=args.workers, threads_per_worker=args.threads_per_worker, progress=not args.quiet)
+    print(f"prompts: {summary['prompts']} generated, {summary['skipped']} already in {args.output} (skipped); "
+          f"{summary['parts']} parts, {summary['samples']} samples, {summary['tokens']} tokens in "
+          f"{summary['seconds']:.1f} s = {summary['prompts_per_s']:.2f} prompts/s, {summary['tokens_per_s']:.1f} "
+          "tokens/s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastbon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +102,9 @@ def main(argv=None) -> int:
     run_parser.add_argument("--prompt", default=None)
     _sampling_arguments(run_parser)
     run_parser.set_defaults(handler=run)
+    batch_parser = commands.add_parser("batch", help="best-of-n over a file of prompts into Parquet, resumable")
+    _batch_arguments(batch_parser)
+    batch_parser.set_defaults(handler=batch)
     # bench and demo parse their own options (fastbon bench --help, fastbon demo --help).
     commands.add_parser("bench", add_help=False, help="best-of-n vs HF generate over a grid, CSV + plot")
     commands.add_parser("demo", add_help=False, help="accuracy vs n on the embedded model, table + plot")
