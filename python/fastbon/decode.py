@@ -11,6 +11,7 @@ import torch
 
 from . import hf
 from .cache import SharedPrefixCache
+from .memory import wave_rows
 from .ops.sampling import SamplingParams, sample_implementation
 from .ops.topk import select_topk
 from .prefill import prefill
@@ -101,17 +102,18 @@ def _widen(buffer: torch.Tensor, columns: int, fill) -> torch.Tensor:
 class _Run:
     """One decode: the cache, the live rows and the result buffers (which grow with the steps taken)."""
 
-    def __init__(self, model, prompts, params: SamplingParams, settings: DecodeSettings, stats: dict):
+    def __init__(self, model, prefilled, prompts, sample_ids, params: SamplingParams, settings: DecodeSettings,
+                 stats: dict):
+        """``prefilled``: what ``prefill`` returned; ``sample_ids``: the samples (of all B·n, prompt-major) this run
+        decodes, with their sampling ``params``."""
         self.model, self.settings, self.stats = model, settings, stats
         self.device = params.seed.device
         self.num_prompts, self.n = len(prompts), settings.n
-        num_samples = self.num_prompts * settings.n
-        self.logits, prefix_keys, prefix_values, prefix_lens = prefill(model, prompts, settings.pad_token_id,
-                                                                       self.device, stats)
-        sample_to_prompt = torch.arange(self.num_prompts, device=self.device).repeat_interleave(settings.n)
+        num_samples = sample_ids.shape[0]
+        self.logits, prefix_keys, prefix_values, prefix_lens = prefilled
+        sample_to_prompt = sample_ids // settings.n
         self.cache = SharedPrefixCache(prefix_keys, prefix_values, prefix_lens, sample_to_prompt,
                                        settings.max_new_tokens, settings.backend)
-        stats["prefix_kv_bytes"] = self.cache.nbytes()[0]
         self.sample = sample_implementation(self.device, settings.backend)
         self.row_index = sample_to_prompt  # step 0 samples every sample of a prompt from the prompt's row
         seen = None
@@ -120,6 +122,7 @@ class _Run:
             for row, prompt in enumerate(prompts):
                 self.prompt_seen[row, prompt.to(self.device)] = True
             seen = self.prompt_seen[sample_to_prompt]
+        # Rows are numbered within this run; ``sample_ids`` maps them back when the run's output is stored.
         self.batch = _Batch(torch.arange(num_samples, device=self.device), prefix_lens.long()[sample_to_prompt],
                             params, seen)
         columns = min(FIRST_COLUMNS, settings.max_new_tokens)
@@ -242,12 +245,28 @@ class _Run:
         self.candidates = kept
 
 
-def decode(model, prompts: list, params: SamplingParams, settings: DecodeSettings, stats: dict) -> DecodeOutput:
-    """Prefill once, then sample n continuations per prompt in lockstep (``prompts``: B 1-D CPU id tensors)."""
-    hf.route_attention(model.config._attn_implementation)
-    run = _Run(model, prompts, params, settings, stats)
-    device_prompts = [prompt.to(run.device) for prompt in prompts]
-    max_new_tokens, prune = settings.max_new_tokens, settings.prune
+def _scatter(output: DecodeOutput | None, run: _Run, sample_ids, num_samples: int, pad_token_id: int):
+    """The run's rows stored at ``sample_ids`` of the call's output (created, or widened, as the runs need)."""
+    steps = run.steps
+    if output is None:
+        device = run.device
+        output = DecodeOutput(tokens=torch.full((num_samples, steps), pad_token_id, dtype=torch.int64, device=device),
+                              logprobs=torch.zeros((num_samples, steps), dtype=torch.float32, device=device),
+                              lengths=torch.zeros(num_samples, dtype=torch.int64, device=device),
+                              finish_reasons=torch.zeros(num_samples, dtype=torch.int8, device=device),
+                              pruned=torch.zeros(num_samples, dtype=torch.bool, device=device))
+    if steps > output.tokens.shape[1]:
+        output.tokens, output.logprobs = _widen(output.tokens, steps, pad_token_id), _widen(output.logprobs, steps, 0.0)
+    output.tokens[sample_ids, :steps] = run.tokens[:, :steps]
+    output.logprobs[sample_ids, :steps] = run.logprobs[:, :steps]
+    output.lengths[sample_ids], output.finish_reasons[sample_ids] = run.lengths, run.finish_reasons
+    output.pruned[sample_ids] = run.pruned
+    return output
+
+
+def _decode_rows(run: _Run, prompts: list) -> None:
+    """Step ``run`` until its rows finish or reach max_new_tokens."""
+    max_new_tokens, prune = run.settings.max_new_tokens, run.settings.prune
     while run.steps < max_new_tokens:
         run.step()
         if run.steps % SYNC_EVERY == 0 or run.steps == max_new_tokens:
@@ -262,10 +281,35 @@ def decode(model, prompts: list, params: SamplingParams, settings: DecodeSetting
                 run.keep_rows(unfinished)
         if prune is not None and run.steps % prune.every == 0 and run.steps < max_new_tokens:
             run.check_stops()  # the partial scores must see stopped samples as finished
-            run.prune(device_prompts)
+            run.prune(prompts)
             if not bool((~run.batch.finished).any()):  # only finished samples survived (pruning read the host anyway)
                 break
-    stats["decode_steps"], stats["tokens_generated"] = run.steps, run.tokens_generated
-    stats["suffix_kv_bytes"] = run.peak_suffix_bytes
-    return DecodeOutput(tokens=run.tokens[:, :run.steps], logprobs=run.logprobs[:, :run.steps], lengths=run.lengths,
-                        finish_reasons=run.finish_reasons, pruned=run.pruned)
+
+
+def decode(model, prompts: list, params: SamplingParams, settings: DecodeSettings, stats: dict,
+           max_memory=None) -> DecodeOutput:
+    """Prefill once, then sample n continuations per prompt in lockstep (``prompts``: B 1-D CPU id tensors), in
+    waves of rows when all of them would not fit in ``max_memory`` (``fastbon.memory``)."""
+    device = params.seed.device
+    num_samples = len(prompts) * settings.n
+    rows_per_wave, estimate = wave_rows(model, [prompt.numel() for prompt in prompts], settings.n,
+                                        settings.max_new_tokens, max_memory, device)
+    if rows_per_wave < num_samples and settings.prune is not None:
+        raise MemoryError(f"pruning ranks all n={settings.n} samples of a prompt together, and only {rows_per_wave} "
+                          f"of the {num_samples} rows fit in max_memory={estimate['budget']} bytes at once")
+    hf.route_attention(model.config._attn_implementation)
+    prefilled = prefill(model, prompts, settings.pad_token_id, device, stats)
+    stats["prefix_kv_bytes"] = sum(keys.numel() * keys.element_size() * 2 for keys in prefilled[1])
+    device_prompts = [prompt.to(device) for prompt in prompts]
+    output, steps, generated, peak = None, 0, 0, 0
+    for start in range(0, num_samples, rows_per_wave):
+        sample_ids = torch.arange(start, min(start + rows_per_wave, num_samples), device=device)
+        run = _Run(model, prefilled, device_prompts, sample_ids, params.select(sample_ids), settings, stats)
+        _decode_rows(run, device_prompts)
+        output = _scatter(output, run, sample_ids, num_samples, settings.pad_token_id)
+        steps, generated = max(steps, run.steps), generated + run.tokens_generated
+        peak = max(peak, run.peak_suffix_bytes)
+        del run
+    stats.update(decode_steps=steps, tokens_generated=generated, suffix_kv_bytes=peak,
+                 waves=-(-num_samples // rows_per_wave))
+    return output

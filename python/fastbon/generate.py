@@ -6,6 +6,7 @@ import torch
 
 from . import hf
 from .decode import FINISH_REASONS, LOGPROB_MODES, PRUNED, DecodeSettings, decode
+from .memory import parse_budget
 from .ops.sampling import sampling_params
 from .ops.topk import select_topk
 from .prompts import prepare_prompts, special_ids
@@ -106,7 +107,8 @@ def _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, re
 
 def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
              eos_token_id=None, score="mean_logprob", seed=None, attention_mask=None, return_all=False, prune=None,
-             backend=None, logprobs="raw", stop_strings=None, tokenizer=None, repetition_penalty=1.0):
+             backend=None, logprobs="raw", stop_strings=None, tokenizer=None, repetition_penalty=1.0,
+             max_memory=None):
     """Best-of-n sampling from a Hugging Face causal LM with one shared KV cache per prompt.
 
     Args:
@@ -131,12 +133,16 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
         stop_strings: strings that end a sample when its decoded completion first contains one; the token that
             completes it is kept whole (as Hugging Face does), nothing after it. Needs ``tokenizer``.
         repetition_penalty: Hugging Face's repetition penalty over prompt + generated tokens (1 = off).
+        max_memory: the bytes this call may use beyond the model (an int or "512MiB"; default 90 % of what the
+            device has free). Past it the samples decode in waves that share the prefill (same results); a call
+            that cannot fit even one sample is refused with the numbers before the prefill (``fastbon.memory``).
 
     Returns:
         GenerationResult: sequences/lengths/scores/token_logprobs/finish_reasons of the best k per prompt, and all
         n on request.
     """
     _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, repetition_penalty)
+    parse_budget(max_memory)
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     hf.check_model(model, 0)
     eos_ids, pad_token_id = special_ids(model, eos_token_id)
@@ -152,7 +158,7 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
                               repetition_penalty=float(repetition_penalty))
     stats = {}
     with torch.no_grad():
-        run = decode(model, prompts, params, settings, stats)
+        run = decode(model, prompts, params, settings, stats, max_memory)
         samples = Samples(prompts=[prompt.to(device) for prompt in prompts],
                           sequences=run.tokens.view(num_prompts, n, -1), lengths=run.lengths.view(num_prompts, n),
                           token_logprobs=run.logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
