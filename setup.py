@@ -1,10 +1,14 @@
 """Packaging: python/fastbon is the package, kernels/ installs as fastbon.kernels, csrc/ builds fastbon._C.
 
 The extension builds with torch's cpp_extension against the torch already installed, so install with
-``pip install --no-build-isolation -e ".[test]"`` (or ``pip install --no-build-isolation .``). Without an importable
-torch the package installs without the extension and runs on its torch/triton backends.
+``pip install --no-build-isolation -e ".[test]"`` (or ``pip install --no-build-isolation .``).
+
+The build is strict: on a machine with a C++ compiler, an install where fastbon._C does not build (torch not
+importable at build time, a compile error) fails, so CI cannot pass on the torch/triton backends alone. Only without
+any C++ compiler, or with FASTBON_NO_EXTENSION=1, does fastbon install as pure Python (torch and triton backends).
 
 Environment:
+  FASTBON_NO_EXTENSION=1   install without the C++ extension (pure Python), even where a compiler exists
   FASTBON_BUILD_CUDA=0/1   build the CUDA kernels (default: when torch has CUDA and nvcc is found)
   FASTBON_CUDA_ARCHS       CUDA architectures, e.g. "8.0;9.0a" (default: TORCH_CUDA_ARCH_LIST, then torch's choice)
   MAX_JOBS                 parallel compile jobs (default 2)
@@ -12,19 +16,34 @@ Environment:
 
 import glob
 import os
+import shlex
+import shutil
 import warnings
 
 from setuptools import setup
 
+OPT_OUT = "set FASTBON_NO_EXTENSION=1 to install fastbon as pure Python (torch and triton backends only)"
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler the build would run (CXX, else c++ / g++ / clang++ on PATH), or None."""
+    candidates = [shlex.split(os.environ["CXX"])[0]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]
+    return next((path for path in map(shutil.which, candidates) if path), None)
+
 
 def _extension_build():
-    """(ext_modules, cmdclass) for fastbon._C, or nothing when torch is not importable at build time."""
+    """(ext_modules, cmdclass) for fastbon._C; nothing when opted out or when no C++ compiler exists."""
+    if os.environ.get("FASTBON_NO_EXTENSION") == "1":
+        return [], {}
+    if _cxx_compiler() is None:
+        warnings.warn(f"no C++ compiler found (CXX, c++, g++, clang++): installing fastbon without its C++ "
+                      f"extension fastbon._C; {OPT_OUT} to silence this", stacklevel=1)
+        return [], {}
     try:
         from torch.utils import cpp_extension
-    except ImportError:
-        warnings.warn("torch is not importable while building fastbon (pip install --no-build-isolation): "
-                      "installing without the C++ extension fastbon._C", stacklevel=1)
-        return [], {}
+    except ImportError as error:
+        raise RuntimeError(f"torch must be importable to build fastbon's C++ extension: install torch first and "
+                           f"then fastbon with pip install --no-build-isolation ({error}); or {OPT_OUT}") from error
     import torch
 
     requested = os.environ.get("FASTBON_BUILD_CUDA")
@@ -46,7 +65,18 @@ def _extension_build():
     else:
         options["extra_compile_args"] = {"cxx": cxx_flags}
         extension = cpp_extension.CppExtension(sources=sources, **options)
-    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+    class StrictBuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+        """torch's build, with a failure that says how to opt out."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:
+                raise RuntimeError(f"building fastbon's C++ extension fastbon._C failed: {error}; fix the build "
+                                   f"(the compiler's output is above), or {OPT_OUT}") from error
+
+    return [extension], {"build_ext": StrictBuildExtension}
 
 
 ext_modules, cmdclass = _extension_build()
