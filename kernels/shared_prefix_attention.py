@@ -7,6 +7,11 @@ Two kernels:
      (one tile holds all rows of a prompt up to BLOCK_M).
   2. ``_suffix_merge_kernel`` — per (sample, KV head): attention over the sample's own suffix, then the merge
      of that state with the prompt's prefix partials by log-sum-exp.
+
+Optional features are constexpr switches, so a call without them compiles to the plain kernels: a soft-cap
+(scores c·tanh(scale·q.k / c)), a sliding window (each row hides the keys before its first visible one; key blocks
+before the first visible key of every row of a tile are never loaded, and the merge reads only the chunks its window
+reaches), sinks (exp(sink[h]) joins the denominator in the merge).
 """
 
 import math
@@ -47,14 +52,30 @@ def _to_output(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, head_dim, max_row, row_sum, acc, qk_scale,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  INTERPRETED_BF16: tl.constexpr):
+def _tanh(x):
+    """tanh in float32 from exp2 (the interpreter has no libdevice): (1 - e) / (1 + e) with e = exp(-2|x|), and an
+    odd Taylor polynomial below |x| = 0.25, where 1 - e would lose the low digits (error < 1e-8 relative there)."""
+    magnitude = tl.abs(x)
+    e = tl.exp2(magnitude * -2.8853900817779268)  # exp(-2|x|)
+    square = x * x
+    series = magnitude * (1.0 + square * (-1.0 / 3 + square * (2.0 / 15 + square * (-17.0 / 315 + square * (
+        62.0 / 2835)))))
+    result = tl.where(magnitude < 0.25, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -result, result)
+
+
+@triton.jit
+def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, first_visible, head_dim, max_row, row_sum, acc,
+                  qk_scale, scale_over_cap, cap_log2, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr):
     """One online-softmax step over keys [key_start, key_start + BLOCK_N) masked to < key_end (log2 domain).
 
     ``keys_ptr``/``values_ptr`` point at key 0 of a [keys, head_dim] slab. p = 2^(s - m) is used for P.V in the
     values' dtype when that is 16-bit, split into a high and a low 16-bit part so the product keeps ~16
-    mantissa bits (two tensor-core dots instead of float32 FMAs); float32 values use IEEE dots.
+    mantissa bits (two tensor-core dots instead of float32 FMAs); float32 values use IEEE dots. s is
+    q.k * scale * log2(e), or with a soft-cap c: c * log2(e) * tanh(q.k * scale / c). With WINDOWED, row r also
+    hides the keys before first_visible[r]; such a row may see none of the block (its maximum stays -inf).
     """
     keys_index = key_start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -63,11 +84,21 @@ def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, head_dim, max_row
     offsets = keys_index.to(tl.int64)[:, None] * head_dim + dims[None, :]
     keys = tl.load(keys_ptr + offsets, mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
     values = tl.load(values_ptr + offsets, mask=key_mask[:, None] & dim_mask[None, :], other=0.0)
-    scores = _dot(q, tl.trans(keys), DOT_PRECISION, INTERPRETED_BF16) * qk_scale
-    scores = tl.where(key_mask[None, :], scores, float("-inf"))
-    new_max = tl.maximum(max_row, tl.max(scores, axis=1))  # finite: every block holds at least one key
-    rescale = tl.exp2(max_row - new_max)
-    probs = tl.exp2(scores - new_max[:, None])
+    scores = _dot(q, tl.trans(keys), DOT_PRECISION, INTERPRETED_BF16)
+    if HAS_SOFTCAP:
+        scores = _tanh(scores * scale_over_cap) * cap_log2
+    else:
+        scores = scores * qk_scale
+    visible = key_mask[None, :]
+    if WINDOWED:
+        visible = visible & (keys_index[None, :] >= first_visible[:, None])
+    scores = tl.where(visible, scores, float("-inf"))
+    new_max = tl.maximum(max_row, tl.max(scores, axis=1))  # finite without a window: a block holds >= 1 key
+    safe_max = new_max
+    if WINDOWED:  # 2^(-inf - 0) = 0 for a row that has seen no key yet, not 2^(-inf + inf)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    rescale = tl.exp2(max_row - safe_max)
+    probs = tl.exp2(scores - safe_max[:, None])
     row_sum = row_sum * rescale + tl.sum(probs, axis=1)
     if values.dtype == tl.float32:
         weighted = _dot(probs, values, DOT_PRECISION, INTERPRETED_BF16)
@@ -80,11 +111,12 @@ def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, head_dim, max_row
 
 
 @triton.jit
-def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, sample_order_ptr, prompt_first_ptr,
-                           prompt_counts_ptr, tile_prompt_ptr, tile_first_ptr, partial_o_ptr, partial_lse_ptr,
-                           qk_scale, num_prompts, num_samples, num_q_heads, num_kv_heads, prefix_max, head_dim,
-                           chunk_len, group, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, suffix_lens_ptr, sample_order_ptr,
+                           prompt_first_ptr, prompt_counts_ptr, tile_prompt_ptr, tile_first_ptr, partial_o_ptr,
+                           partial_lse_ptr, qk_scale, scale_over_cap, cap_log2, window, num_prompts, num_samples,
+                           num_q_heads, num_kv_heads, prefix_max, head_dim, chunk_len, group, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Partial attention of a prompt's query rows over one prefix chunk.
 
     Row r of prompt b's matrix (0 <= r < count_b * group) is query head kv_head * group + r % group of the sample
@@ -93,7 +125,9 @@ def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, s
         lse_c = log2 sum_{k in chunk} 2^s_k,    o_c = sum_{k in chunk} 2^(s_k - lse_c) v_k
 
     stored for chunks that hold keys (chunk start < prefix_len_b); the merge kernel reads only those. Tiles past
-    the last prompt (the grid is an upper bound, no host sync) have no rows and store nothing.
+    the last prompt (the grid is an upper bound, no host sync) have no rows and store nothing. With a window, the
+    row of sample i sees prefix keys from prefix_len_b + suffix_lens[i] - window on; the loop starts at the block of
+    the tile's earliest such key.
     """
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -119,13 +153,21 @@ def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, s
     max_row = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(key_start, key_end, BLOCK_N):
-        max_row, row_sum, acc = _attend_block(q, prefix_k_ptr + slab, prefix_v_ptr + slab, start, key_end, head_dim,
-                                              max_row, row_sum, acc, qk_scale, BLOCK_N, BLOCK_D, DOT_PRECISION,
-                                              INTERPRETED_BF16)
+    first_visible = tl.zeros([BLOCK_M], tl.int32)
+    loop_start = key_start
+    if WINDOWED:
+        suffix_len = tl.load(suffix_lens_ptr + sample, mask=row_valid, other=0)
+        first_visible = prefix_len + suffix_len - window
+        earliest = tl.min(tl.where(row_valid, first_visible, prefix_max), axis=0)
+        loop_start = tl.maximum(key_start, tl.maximum(earliest, 0) // BLOCK_N * BLOCK_N)
+    for start in range(loop_start, key_end, BLOCK_N):
+        max_row, row_sum, acc = _attend_block(q, prefix_k_ptr + slab, prefix_v_ptr + slab, start, key_end,
+                                              first_visible, head_dim, max_row, row_sum, acc, qk_scale,
+                                              scale_over_cap, cap_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                                              INTERPRETED_BF16, WINDOWED, HAS_SOFTCAP)
 
     partial_row = chunk.to(tl.int64) * num_samples * num_q_heads + q_row
-    safe_sum = tl.where(row_valid, row_sum, 1.0)
+    safe_sum = tl.where(row_valid & (row_sum > 0), row_sum, 1.0)  # a row that saw no key stores lse = -inf
     tl.store(partial_lse_ptr + partial_row, max_row + tl.log2(safe_sum), mask=row_valid)
     tl.store(partial_o_ptr + partial_row[:, None] * head_dim + dims[None, :], acc / safe_sum[:, None],
              mask=row_valid[:, None] & (dims < head_dim)[None, :])
@@ -133,15 +175,19 @@ def _prefix_partial_kernel(q_ptr, prefix_k_ptr, prefix_v_ptr, prefix_lens_ptr, s
 
 @triton.jit
 def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, prefix_lens_ptr, sample_to_prompt_ptr,
-                         partial_o_ptr, partial_lse_ptr, out_ptr, qk_scale, num_samples, num_q_heads, num_kv_heads,
-                         suffix_max, head_dim, chunk_len, group, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+                         partial_o_ptr, partial_lse_ptr, sinks_ptr, out_ptr, qk_scale, scale_over_cap, cap_log2,
+                         window, num_samples, num_q_heads, num_kv_heads, suffix_max, head_dim, chunk_len, group,
+                         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     """For sample i and the `group` query heads of one KV head: online softmax over suffix[i][:S_i], then merge
-    with each prefix chunk c of its prompt holding keys:
+    with each prefix chunk c of its prompt holding keys it sees:
 
         m' = max(m, lse_c),  acc' = 2^(m - m') acc + 2^(lse_c - m') o_c,  l' = 2^(m - m') l + 2^(lse_c - m')
 
-    out = acc / l, or 0 when the query saw no key (l = 0). Rows pad to BLOCK_G >= 16 for ``tl.dot``.
+    and with the sink as one more term (lse = sink_h log2(e), o = 0). out = acc / l, or 0 when the query saw no
+    key and has no sink (l = 0). With a window w the suffix keys from S_i - w and the prefix chunks from the one
+    holding key P_b + S_i - w count. Rows pad to BLOCK_G >= 16 for ``tl.dot``.
     """
     sample = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -154,17 +200,27 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pre
                 other=0.0)
 
     suffix_len = tl.load(suffix_lens_ptr + sample)
+    prefix_len = tl.load(prefix_lens_ptr + tl.load(sample_to_prompt_ptr + sample))
     slab = (sample.to(tl.int64) * num_kv_heads + kv_head) * suffix_max * head_dim
     max_row = tl.full([BLOCK_G], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, suffix_len, BLOCK_N):
+    suffix_first = 0
+    chunk_first = 0
+    chunk_end = tl.cdiv(prefix_len, chunk_len)
+    if WINDOWED:
+        suffix_first = tl.maximum(suffix_len - window, 0)
+        prefix_first = prefix_len + suffix_len - window
+        chunk_first = tl.maximum(prefix_first, 0) // chunk_len
+        chunk_end = tl.where(prefix_first < prefix_len, chunk_end, 0)
+    first_visible = tl.zeros([BLOCK_G], tl.int32) + suffix_first
+    for start in range(suffix_first // BLOCK_N * BLOCK_N, suffix_len, BLOCK_N):
         max_row, row_sum, acc = _attend_block(q, suffix_k_ptr + slab, suffix_v_ptr + slab, start, suffix_len,
-                                              head_dim, max_row, row_sum, acc, qk_scale, BLOCK_N, BLOCK_D,
-                                              DOT_PRECISION, INTERPRETED_BF16)
+                                              first_visible, head_dim, max_row, row_sum, acc, qk_scale,
+                                              scale_over_cap, cap_log2, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                                              INTERPRETED_BF16, WINDOWED, HAS_SOFTCAP)
 
-    prefix_len = tl.load(prefix_lens_ptr + tl.load(sample_to_prompt_ptr + sample))
-    for chunk in range(0, tl.cdiv(prefix_len, chunk_len)):
+    for chunk in range(chunk_first, chunk_end):
         partial_row = q_row + chunk * (num_samples * num_q_heads)  # < 2^31: num_chunks <= 528 by _plan
         chunk_lse = tl.load(partial_lse_ptr + partial_row, mask=head_valid, other=0.0)
         chunk_o = tl.load(partial_o_ptr + partial_row[:, None] * head_dim + dims[None, :],
@@ -175,6 +231,12 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pre
         acc = acc * rescale[:, None] + weight[:, None] * chunk_o
         row_sum = row_sum * rescale + weight
         max_row = new_max
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + kv_head * group + heads, mask=head_valid, other=0.0) * 1.4426950408889634
+        new_max = tl.maximum(max_row, sink)
+        rescale = tl.exp2(max_row - new_max)
+        acc = acc * rescale[:, None]
+        row_sum = row_sum * rescale + tl.exp2(sink - new_max)
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     out = _to_output(out, out_ptr.dtype.element_ty, INTERPRETED_BF16)
@@ -206,10 +268,11 @@ def _plan(num_samples, num_prompts, num_kv_heads, group, prefix_max, float32, in
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
-                            scale):
+                            scale, window=None, softcap=None, sinks=None):
     """Backend contract (validated, contiguous): q [N, Hq, D]; prefix_k/v [B, Hkv, P_max, D]; prefix_lens int32
     [B]; suffix_k/v [N, Hkv, T_max, D]; suffix_lens int32 [N]; sample_to_prompt int32 [N] (any mapping); scale a
-    float. Returns [N, Hq, D] in q's dtype. float16/bfloat16/float32 only: the kernels accumulate in float32."""
+    float; window None or int >= 1; softcap None or float > 0; sinks None or float32 [Hq]. Returns [N, Hq, D] in
+    q's dtype. float16/bfloat16/float32 only: the kernels accumulate in float32."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton' (float32 accumulation), "
                         f"got {str(q.dtype).removeprefix('torch.')}; use backend='torch' for float64")
@@ -225,6 +288,9 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit products are exact in fp32 anyway
     upcast_bf16 = interpreted(q) and q.dtype == torch.bfloat16
     qk_scale = scale * math.log2(math.e)
+    features = dict(WINDOWED=window is not None, HAS_SOFTCAP=softcap is not None)
+    scale_over_cap, cap_log2 = (scale / softcap, softcap * math.log2(math.e)) if softcap is not None else (1.0, 1.0)
+    window = window if window is not None else 0
     partial_o = torch.empty((num_chunks, num_samples, num_q_heads, head_dim), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((num_chunks, num_samples, num_q_heads), dtype=torch.float32, device=q.device)
 
@@ -240,14 +306,17 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         tile_end = torch.cumsum(tiles_per_prompt, 0)
         tile_prompt = torch.searchsorted(tile_end, torch.arange(tiles, device=q.device), right=True)
         _prefix_partial_kernel[(tiles, num_kv_heads, num_chunks)](
-            q, prefix_k, prefix_v, prefix_lens, sample_order, prompt_first, counts, tile_prompt,
-            tile_end - tiles_per_prompt, partial_o, partial_lse, qk_scale, num_prompts, num_samples, num_q_heads,
-            num_kv_heads, prefix_max, head_dim, chunk_len, group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, num_warps=4)
+            q, prefix_k, prefix_v, prefix_lens, suffix_lens, sample_order, prompt_first, counts, tile_prompt,
+            tile_end - tiles_per_prompt, partial_o, partial_lse, qk_scale, scale_over_cap, cap_log2, window,
+            num_prompts, num_samples, num_q_heads, num_kv_heads, prefix_max, head_dim, chunk_len, group,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+            INTERPRETED_BF16=upcast_bf16, **features, num_warps=4)
 
     _suffix_merge_kernel[(num_samples, num_kv_heads)](
-        q, suffix_k, suffix_v, suffix_lens, prefix_lens, sample_to_prompt, partial_o, partial_lse, out, qk_scale,
-        num_samples, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, chunk_len, group,
+        q, suffix_k, suffix_v, suffix_lens, prefix_lens, sample_to_prompt, partial_o, partial_lse,
+        sinks if sinks is not None else partial_lse, out, qk_scale, scale_over_cap, cap_log2, window, num_samples,
+        num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, chunk_len, group,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n if interpreted(q) else 32, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, num_warps=4)
+        DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, **features, HAS_SINKS=sinks is not None,
+        num_warps=4)
     return out

@@ -76,6 +76,22 @@ def test_attention_large(threads, isa, shape, dtype):
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("window", [600, 260, 5], ids=lambda w: f"window{w}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_attention_features_large(threads, isa, window, dtype):
+    """Windows that start chunks deep in the prefix, just past a chunk edge (256 keys) and in the suffix, with a
+    soft-cap and sinks, over varied suffix lengths (the rows of one prompt start their windows apart) on every
+    instruction-set variant (bfloat16 on an AMX CPU takes the vector kernels: AMX knows neither feature)."""
+    args = _attention_inputs(2, 16, 8, 4, 64, 1025, 300, dtype=dtype, seed=window)
+    sinks = torch.randn(8, generator=torch.Generator().manual_seed(window))
+    scale = 64 ** -0.5
+    out = cpp_ops.shared_prefix_attention(*args, scale, window, 4.0, sinks)
+    expected = reference.shared_prefix_attention(*[a.double() if a.is_floating_point() else a for a in args], scale,
+                                                 window, 4.0, sinks.double())
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+
+
 def _sample_inputs(rows, vocab, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, vocab, generator=generator) * 3).to(dtype)
@@ -129,7 +145,9 @@ def test_select_topk_rows(threads, dtype):
 def test_torch_library_opcheck():
     args = _attention_inputs(2, 3, 4, 2, 16, 9, 4, dtype=torch.float32, seed=0)
     torch.library.opcheck(torch.ops.fastbon.shared_prefix_attention_out.default,
-                          (*args, 0.25, torch.empty(6, 4, 16)))
+                          (*args, 0.25, 0, 0.0, None, torch.empty(6, 4, 16)))
+    torch.library.opcheck(torch.ops.fastbon.shared_prefix_attention_out.default,
+                          (*args, 0.25, 3, 2.0, torch.randn(4), torch.empty(6, 4, 16)))
     sample_args = _sample_inputs(2, 64, torch.float32, seed=0)
     torch.library.opcheck(torch.ops.fastbon.sample_out.default,
                           (*sample_args, torch.empty(4, dtype=torch.int64), torch.empty(4)))

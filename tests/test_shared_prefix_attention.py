@@ -3,7 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import EMULATED_CUDA
 
+from fastbon import dispatch
 from fastbon.ops import reference, shared_prefix_attention
 
 # (prompts, samples per prompt, Hq, Hkv, D, P_max, T_max)
@@ -151,3 +153,139 @@ def test_emulated_cuda_kernels_fit_the_device_shared_memory(emulated_cuda_backen
     finally:
         emulated_cuda_backend.set_shared_memory_limit(227 * 1024)
     _check_close(out, q, args, dtype)
+
+
+def expanded_features(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
+                      window=None, softcap=None, sinks=None):
+    """An independent float64 oracle for window / soft-cap / sinks: per sample and head, the keys it reads laid out
+    by position, the mask of transformers' sliding_window_causal, the soft-cap and sink as in transformers' Gemma 2
+    and gpt-oss eager attention."""
+    group = q.shape[1] // prefix_k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for i in range(q.shape[0]):
+        prompt = int(sample_to_prompt[i])
+        prefix_len, suffix_len = int(prefix_lens[prompt]), int(suffix_lens[i])
+        keys = torch.cat([prefix_k[prompt, :, :prefix_len], suffix_k[i, :, :suffix_len]], dim=1).double()
+        values = torch.cat([prefix_v[prompt, :, :prefix_len], suffix_v[i, :, :suffix_len]], dim=1).double()
+        positions = torch.arange(prefix_len + suffix_len)
+        query_position = prefix_len + suffix_len - 1
+        visible = positions > query_position - window if window is not None else torch.ones_like(positions).bool()
+        for head in range(q.shape[1]):
+            scores = keys[head // group] @ q[i, head].double() * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            scores = scores.masked_fill(~visible, float("-inf"))
+            if sinks is not None:
+                scores = torch.cat([scores, sinks[head].double().reshape(1)])
+            if scores.numel() == 0 or not torch.isfinite(scores).any():
+                continue
+            probs = torch.softmax(scores, dim=0)[:keys.shape[1]]
+            out[i, head] = probs @ values[head // group].nan_to_num(0.0)
+    return out
+
+
+# (prompts, samples per prompt, Hq, Hkv, D, P_max, T_max): odd sizes, prefixes over several CPU (256) and Triton
+# interpreter (128) chunks.
+FEATURE_SHAPES = [(2, 3, 4, 2, 24, 300, 7), (3, 2, 6, 3, 40, 33, 5)]
+# window relative to the shapes: starts deep in the prefix, just inside the prefix, inside the suffix, of one key,
+# covering everything.
+WINDOWS = {"prefix_deep": 130, "prefix_edge": 9, "suffix": 3, "one": 1, "everything": 10_000}
+
+
+def _feature_inputs(shape, dtype, device, seed, varied_suffix):
+    q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt = _inputs(
+        shape, dtype, device, seed, shuffled=True)
+    if not varied_suffix:  # lockstep decoding: every sample has the same suffix length
+        suffix_lens = torch.full_like(suffix_lens, shape[-1])
+        suffix_k, suffix_v = suffix_k.nan_to_num(0.25), suffix_v.nan_to_num(0.25)
+    return [q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt]
+
+
+def _check_features(backend, device, shape, dtype, seed, varied_suffix=True, **features):
+    q, *args = _feature_inputs(shape, dtype, device, seed, varied_suffix)
+    scale = 0.7 / q.shape[-1] ** 0.5
+    if features.get("sinks") is not None:
+        features["sinks"] = features["sinks"].to(device)
+    out = shared_prefix_attention(q, *args, scale=scale, backend=backend, **features).cpu()
+    cpu_features = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in features.items()}
+    expected = expanded_features(q.cpu(), *[a.cpu() for a in args], scale, **cpu_features)
+    assert out.dtype == q.dtype and not torch.isnan(out).any(), "unwritten (poisoned) or NaN output"
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    error = (out.double() - expected).abs().max().item()
+    assert error <= tolerance * max(1.0, expected.abs().max().item()), f"error {error}"
+
+
+WINDOW_CASES = [(FEATURE_SHAPES[0], name) for name in WINDOWS] + [(FEATURE_SHAPES[1], "prefix_edge"),
+                                                                  (FEATURE_SHAPES[1], "suffix")]
+
+
+@pytest.fixture
+def feature_backend(backend_device):
+    """The backends that implement the features (the emulated CUDA kernels decline them: see
+    test_cuda_kernels_decline_features)."""
+    if backend_device[0] == EMULATED_CUDA:
+        pytest.skip("the CUDA kernels decline window / soft-cap / sinks (test_cuda_kernels_decline_features)")
+    return backend_device
+
+
+@pytest.mark.parametrize(("shape", "window"), WINDOW_CASES, ids=[f"{shape[5]}-{name}" for shape, name in WINDOW_CASES])
+def test_window(feature_backend, shape, window):
+    backend, device = feature_backend
+    _check_features(backend, device, shape, torch.float32, seed=len(window), window=WINDOWS[window])
+
+
+@pytest.mark.parametrize("varied_suffix", [True, False], ids=["varied_suffix", "lockstep"])
+def test_softcap_window_and_sinks_together(feature_backend, varied_suffix):
+    backend, device = feature_backend
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(2)) * 2
+    _check_features(backend, device, FEATURE_SHAPES[0], torch.float32, seed=11, varied_suffix=varied_suffix,
+                    window=20, softcap=3.0, sinks=sinks)
+
+
+@pytest.mark.parametrize("softcap", [0.5, 50.0])
+def test_softcap(feature_backend, softcap):
+    backend, device = feature_backend
+    _check_features(backend, device, FEATURE_SHAPES[1], torch.float32, seed=3, softcap=softcap)
+
+
+def test_sinks_large_and_small(feature_backend):
+    """Sinks that dominate the denominator and sinks that barely count; a query with no keys gets zeros."""
+    backend, device = feature_backend
+    sinks = torch.tensor([9.0, -9.0, 0.0, 2.5, -1.0, 30.0])
+    _check_features(backend, device, FEATURE_SHAPES[1], torch.float32, seed=4, sinks=sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_features_in_other_dtypes(feature_backend, dtype):
+    backend, device = feature_backend
+    if dtype not in dispatch.dtypes("shared_prefix_attention", backend):
+        pytest.skip(f"{backend} does not take {dtype}")
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    _check_features(backend, device, FEATURE_SHAPES[0], dtype, seed=6, window=40, softcap=5.0, sinks=sinks)
+
+
+def test_cuda_kernels_decline_features(emulated_cuda_backend, monkeypatch):
+    """The CUDA kernels implement no window / soft-cap / sinks: a call with one runs on the Triton kernels (the
+    emulated CUDA kernel is never called) and is right; a call without them still runs the CUDA kernel."""
+    calls = []
+    original = emulated_cuda_backend.shared_prefix_attention
+    monkeypatch.setattr(emulated_cuda_backend, "shared_prefix_attention", lambda *args: calls.append(1) or original(
+        *args))
+    monkeypatch.setitem(dispatch._REGISTERED[EMULATED_CUDA].implementations, "shared_prefix_attention",
+                        emulated_cuda_backend.shared_prefix_attention)
+    _check_features(EMULATED_CUDA, "cpu", FEATURE_SHAPES[1], torch.float32, seed=8, window=5, softcap=2.0)
+    assert not calls
+    q, *args = _feature_inputs(FEATURE_SHAPES[1], torch.float32, "cpu", 8, True)
+    shared_prefix_attention(q, *args, backend=EMULATED_CUDA)
+    assert calls
+
+
+def test_bad_feature_inputs():
+    q, *args = _inputs((1, 2, 4, 2, 16, 5, 3), torch.float32, "cpu", seed=1)
+    for name, value, error in [("window", 0, ValueError), ("window", 2.5, ValueError), ("window", True, ValueError),
+                               ("softcap", 0.0, ValueError), ("softcap", float("inf"), ValueError),
+                               ("sinks", torch.zeros(3), ValueError), ("sinks", torch.zeros(4, dtype=torch.int32),
+                                                                       TypeError),
+                               ("sinks", torch.zeros(1, 4), ValueError), ("sinks", [0.0] * 4, TypeError)]:
+        with pytest.raises(error, match=name):
+            shared_prefix_attention(q, *args, **{name: value})

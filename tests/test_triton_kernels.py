@@ -173,18 +173,22 @@ compile_(select_topk._select_topk_kernel, dict(scores_ptr="*fp64", values_ptr="*
 compile_(sample._sample_kernel, dict(logits_ptr="*bf16", row_index_ptr="*i64", temperature_ptr="*fp32",
          top_k_ptr="*i32", top_p_ptr="*fp32", min_p_ptr="*fp32", seed_ptr="*i64", step_ptr="*i64", tokens_ptr="*i64",
          logprobs_ptr="*fp32", num_rows="i32", vocab="i32"), dict(BLOCK_R=1, BLOCK_V=4096), num_warps=8)
-for dtype, precision in (("bf16", "tf32"), ("fp32", "ieee")):
+for (dtype, precision), on in ((("bf16", "tf32"), False), (("fp32", "ieee"), False), (("bf16", "tf32"), True)):
+    features = dict(WINDOWED=on, HAS_SOFTCAP=on)
     compile_(attention._prefix_partial_kernel, dict(q_ptr=f"*{dtype}", prefix_k_ptr=f"*{dtype}",
-             prefix_v_ptr=f"*{dtype}", prefix_lens_ptr="*i32", sample_order_ptr="*i32", prompt_first_ptr="*i64",
-             prompt_counts_ptr="*i64", tile_prompt_ptr="*i64", tile_first_ptr="*i64", partial_o_ptr="*fp32",
-             partial_lse_ptr="*fp32", qk_scale="fp32", num_prompts="i32", num_samples="i32", num_q_heads="i32",
+             prefix_v_ptr=f"*{dtype}", prefix_lens_ptr="*i32", suffix_lens_ptr="*i32", sample_order_ptr="*i32",
+             prompt_first_ptr="*i64", prompt_counts_ptr="*i64", tile_prompt_ptr="*i64", tile_first_ptr="*i64",
+             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32", scale_over_cap="fp32",
+             cap_log2="fp32", window="i32", num_prompts="i32", num_samples="i32", num_q_heads="i32",
              num_kv_heads="i32", prefix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
-             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False))
+             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features))
     compile_(attention._suffix_merge_kernel, dict(q_ptr=f"*{dtype}", suffix_k_ptr=f"*{dtype}",
              suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", prefix_lens_ptr="*i32", sample_to_prompt_ptr="*i32",
-             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", out_ptr=f"*{dtype}", qk_scale="fp32", num_samples="i32",
-             num_q_heads="i32", num_kv_heads="i32", suffix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
-             dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False))
+             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", sinks_ptr="*fp32", out_ptr=f"*{dtype}", qk_scale="fp32",
+             scale_over_cap="fp32", cap_log2="fp32", window="i32", num_samples="i32", num_q_heads="i32",
+             num_kv_heads="i32", suffix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
+             dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features,
+                  HAS_SINKS=on))
 """
 
 

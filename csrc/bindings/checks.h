@@ -2,7 +2,9 @@
 // NaN); these guard memory safety when torch.ops.fastbon.* is called directly: dtypes, shapes, contiguity.
 #pragma once
 
+#include <cmath>
 #include <initializer_list>
+#include <optional>
 
 #include <torch/library.h>
 
@@ -61,6 +63,18 @@ inline void check_attention_arguments(const at::Tensor& q, const at::Tensor& pre
   TORCH_CHECK(prefix_lens.size(0) == prompts && suffix_lens.size(0) == samples &&
                   sample_to_prompt.size(0) == samples,
               "fastbon: prefix_lens, suffix_lens, sample_to_prompt sizes");
+}
+
+// window 0 = none, softcap 0 = none, sinks absent or [Hq] in the accumulator dtype (float64 for float64 q, else
+// float32).
+inline void check_attention_features(const at::Tensor& q, int64_t window, double softcap,
+                                     const std::optional<at::Tensor>& sinks) {
+  TORCH_CHECK(window >= 0, "fastbon: window must be >= 0 (0 = none)");
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "fastbon: softcap must be finite and >= 0 (0 = none)");
+  if (sinks.has_value()) {
+    check_tensor(*sinks, "sinks", q, 1, q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    TORCH_CHECK(sinks->size(0) == q.size(1), "fastbon: sinks must have one entry per query head");
+  }
 }
 
 inline void check_sample_arguments(const at::Tensor& logits, const at::Tensor& row_index,

@@ -18,9 +18,14 @@ void check_launch(cudaError_t status, const char* op) {
 void shared_prefix_attention_cuda(const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                   const at::Tensor& prefix_lens, const at::Tensor& suffix_k,
                                   const at::Tensor& suffix_v, const at::Tensor& suffix_lens,
-                                  const at::Tensor& sample_to_prompt, double scale, const at::Tensor& out) {
+                                  const at::Tensor& sample_to_prompt, double scale, int64_t window, double softcap,
+                                  const std::optional<at::Tensor>& sinks, const at::Tensor& out) {
   check_attention_arguments(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
                             out);
+  // The CUDA kernels implement no sliding window, soft-cap or sinks: such calls are refused, never answered
+  // without the feature (fastbon.ops.attention sends them to the Triton kernels).
+  TORCH_CHECK(window == 0 && softcap == 0 && !sinks.has_value(),
+              "fastbon: the CUDA attention kernel implements no sliding window, soft-cap or sinks; use triton");
   const DType dtype = dtype_of(q, "q", {DType::kFloat32, DType::kBFloat16, DType::kFloat16});
   TORCH_CHECK(q.size(2) <= cuda::kMaxHeadDim, "fastbon: the CUDA kernel takes head_dim <= ", cuda::kMaxHeadDim);
   const c10::cuda::CUDAGuard guard(q.device());

@@ -36,15 +36,18 @@ int openmp_team_size() {
 void shared_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& prefix_k, const at::Tensor& prefix_v,
                                  const at::Tensor& prefix_lens, const at::Tensor& suffix_k,
                                  const at::Tensor& suffix_v, const at::Tensor& suffix_lens,
-                                 const at::Tensor& sample_to_prompt, double scale, const at::Tensor& out) {
+                                 const at::Tensor& sample_to_prompt, double scale, int64_t window, double softcap,
+                                 const std::optional<at::Tensor>& sinks, const at::Tensor& out) {
   check_attention_arguments(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
                             out);
+  check_attention_features(q, window, softcap, sinks);
   cpu::shared_prefix_attention(dtype_of(q, "q", {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}),
                                q.data_ptr(), prefix_k.data_ptr(), prefix_v.data_ptr(),
                                prefix_lens.data_ptr<int32_t>(), suffix_k.data_ptr(), suffix_v.data_ptr(),
                                suffix_lens.data_ptr<int32_t>(), sample_to_prompt.data_ptr<int32_t>(),
                                out.data_ptr(), q.size(0), prefix_k.size(0), q.size(1), prefix_k.size(1), q.size(2),
-                               prefix_k.size(2), suffix_k.size(2), scale, op_threads());
+                               prefix_k.size(2), suffix_k.size(2), scale, window, softcap,
+                               sinks.has_value() ? sinks->data_ptr() : nullptr, op_threads());
 }
 
 void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& temperature,
@@ -81,7 +84,8 @@ at::Tensor philox_uniform_cpu(const at::Tensor& seed, const at::Tensor& step) {
 TORCH_LIBRARY(fastbon, m) {
   m.def(
       "shared_prefix_attention_out(Tensor q, Tensor prefix_k, Tensor prefix_v, Tensor prefix_lens, Tensor suffix_k, "
-      "Tensor suffix_v, Tensor suffix_lens, Tensor sample_to_prompt, float scale, Tensor(a!) out) -> ()");
+      "Tensor suffix_v, Tensor suffix_lens, Tensor sample_to_prompt, float scale, int window, float softcap, "
+      "Tensor? sinks, Tensor(a!) out) -> ()");
   m.def(
       "sample_out(Tensor logits, Tensor row_index, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
       "Tensor seed, Tensor step, Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");

@@ -27,7 +27,17 @@ struct Segment {
   int64_t out_stride;
   Acc* lse;  // row r's log-sum-exp at lse[r * lse_stride]
   int64_t lse_stride;
+  int64_t first_key;      // keys[0]'s index in its sequence (the prompt's prefix or the sample's suffix)
+  const int64_t* starts;  // sliding window: row r sees the keys of index >= starts[r]; nullptr: every key
 };
+
+// The first of a segment's keys that row r sees (segment.length when it sees none).
+template <typename In, typename Acc>
+FASTBON_INLINE int64_t first_visible_key(const Segment<In, Acc>& segment, int64_t r) {
+  if (segment.starts == nullptr) return 0;
+  const int64_t first = segment.starts[r] - segment.first_key;
+  return first < 0 ? 0 : first > segment.length ? segment.length : first;
+}
 
 template <typename Acc>
 int64_t scratch_elements(int64_t head_dim) {

@@ -15,7 +15,8 @@ _ops = torch.ops.fastbon
 
 
 @torch.library.register_fake("fastbon::shared_prefix_attention_out")
-def _(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale, out):
+def _(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale, window, softcap,
+      sinks, out):
     return None
 
 
@@ -35,11 +36,12 @@ def _(seed, step):
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
-                            scale):
-    """Backend contract of ``reference.shared_prefix_attention``: out [N, Hq, D] in q's dtype."""
+                            scale, window=None, softcap=None, sinks=None):
+    """Backend contract of ``reference.shared_prefix_attention``: out [N, Hq, D] in q's dtype. The op takes window
+    and softcap 0 for none (the CUDA kernels refuse either, and sinks)."""
     out = new_output(q.shape, q.dtype, q.device)
     _ops.shared_prefix_attention_out(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
-                                     sample_to_prompt, float(scale), out)
+                                     sample_to_prompt, float(scale), window or 0, softcap or 0.0, sinks, out)
     return out
 
 

@@ -9,7 +9,7 @@ from . import _checks
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
-                            *, scale=None, backend=None):
+                            *, scale=None, window=None, softcap=None, sinks=None, backend=None):
     """Decode attention for N single-token queries over a prefix shared per prompt plus a suffix per sample.
 
     Args:
@@ -20,11 +20,19 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         suffix_lens: int32 [N], valid suffix length per sample (<= T_max).
         sample_to_prompt: int32 [N], the prompt each query belongs to.
         scale: softmax scale, default 1/sqrt(D).
+        window: None, or a sliding window w >= 1 (transformers' ``sliding_window``): with the query at position
+            prefix_lens[b] + suffix_lens[i] - 1, prefix key p at position p and suffix key t at
+            prefix_lens[b] + t, only keys with query position - w < key position count.
+        softcap: None, or c > 0: scores become c * tanh(scale * q.k / c) (Gemma 2's ``attn_logit_softcapping``).
+        sinks: None, or [Hq] float learned logits (gpt-oss ``sinks``): exp(sinks[h]) joins the softmax
+            denominator of query head h and adds no value.
         backend: None (pick), "torch", "triton", "cpu" or "cuda".
 
     Returns:
         [N, Hq, D] in q's dtype: softmax attention of query i over its prompt's first prefix_lens[b] keys and its
         own first suffix_lens[i] keys (query head h reads KV head h // (Hq // Hkv)); zeros where there are no keys.
+        The cuda backend (and a registered one) implements none of window / softcap / sinks: calls with them run
+        on triton (or torch where triton cannot run).
 
     Example:
         >>> out = shared_prefix_attention(q, pk, pv, torch.tensor([7], dtype=torch.int32), sk, sv,
@@ -57,12 +65,55 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         scale = 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    features = attention_features(window, softcap, sinks, num_q_heads, q.dtype, device)
     tensors = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt)
-    return attention_implementation(device, backend, q.dtype)(*(t.contiguous() for t in tensors), float(scale))
+    return attention_implementation(device, backend, q.dtype)(*(t.contiguous() for t in tensors), float(scale),
+                                                              *features)
+
+
+def attention_features(window, softcap, sinks, num_q_heads: int, dtype: torch.dtype, device: torch.device):
+    """(window, softcap, sinks) checked and in the backend contract's form: window None or int >= 1, softcap None
+    or float > 0, sinks None or a contiguous [Hq] tensor in the compute dtype (float64 for float64, else float32)."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or (
+                softcap <= 0):
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+        softcap = float(softcap)
+    if sinks is not None:
+        _checks.tensor("sinks", sinks, ndim=1, dtypes=_checks.FLOAT_DTYPES, device=device)
+        _checks.shape("sinks", sinks, (num_q_heads,))
+        sinks = sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
+    return window, softcap, sinks
+
+
+# The backends whose kernels implement window, softcap and sinks; any other (cuda, a registered one) runs only
+# calls without them, and the others go to triton (torch where triton cannot run).
+FEATURE_BACKENDS = ("torch", "triton", "cpu")
 
 
 def attention_implementation(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None):
     """The backend function (contract of ``reference.shared_prefix_attention``, inputs unchecked) that runs on
     ``device``: resolved once by a caller that calls it every layer of every step."""
     chosen = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
-    return dispatch.implementation("shared_prefix_attention", chosen)
+    kernel = dispatch.implementation("shared_prefix_attention", chosen)
+    if chosen in FEATURE_BACKENDS:
+        return kernel
+    fallback = "triton" if dispatch.unavailable_reason("triton", device) is None else "torch"
+    return _without_features(kernel, dispatch.implementation("shared_prefix_attention", fallback))
+
+
+def _without_features(kernel, fallback):
+    """``kernel`` for calls without window / softcap / sinks (the CUDA kernels implement none of them and their
+    binding refuses them), ``fallback`` for the others: a feature is never dropped silently."""
+
+    def run(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
+            window=None, softcap=None, sinks=None):
+        if window is None and softcap is None and sinks is None:
+            return kernel(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale)
+        return fallback(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
+                        window, softcap, sinks)
+
+    return run

@@ -38,15 +38,21 @@ def _partial_attention(scores, values_fn):
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt,
-                            scale):
+                            scale, window=None, softcap=None, sinks=None):
     """Single-token decode attention over a shared prefix and a per-sample suffix.
 
     q [N, Hq, D]; prefix_k/v [B, Hkv, P_max, D]; prefix_lens int32 [B]; suffix_k/v [N, Hkv, T_max, D];
-    suffix_lens int32 [N]; sample_to_prompt int32 [N]; scale a float. Returns [N, Hq, D] in q's dtype:
+    suffix_lens int32 [N]; sample_to_prompt int32 [N]; scale a float; window None or an int >= 1; softcap None or
+    a float > 0; sinks None or [Hq] in the compute dtype (float64 for float64 q, else float32). Returns [N, Hq, D]
+    in q's dtype:
 
-        o_i = merge(attn(q_i, prefix[b_i][:prefix_lens[b_i]]), attn(q_i, suffix[i][:suffix_lens[i]]))
+        o_i = merge(attn(q_i, prefix[b_i][:prefix_lens[b_i]]), attn(q_i, suffix[i][:suffix_lens[i]]), sink)
 
-    Query head h reads KV head h // (Hq // Hkv). A query with no keys at all gets zeros.
+    Query head h reads KV head h // (Hq // Hkv). Positions: prefix key p is at position p, suffix key t at
+    prefix_lens[b_i] + t, the query at prefix_lens[b_i] + suffix_lens[i] - 1. The score of a key is
+    s = scale * q.k, or softcap * tanh(scale * q.k / softcap) with a soft-cap; a window w keeps the keys with
+    query position - w < key position (transformers' sliding_window_causal); a sink adds exp(sinks[h]) to the
+    softmax denominator and nothing to the values (gpt-oss). A query with no keys at all gets zeros.
     """
     num_samples, num_q_heads, head_dim = q.shape
     num_prompts, num_kv_heads, prefix_max, _ = prefix_k.shape
@@ -55,16 +61,24 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     work = _compute_dtype(q.dtype)
     query = q.to(work).view(num_samples, num_kv_heads, group, head_dim) * scale
     prompt = sample_to_prompt.long()
+    sample_prefix_lens = prefix_lens.long()[prompt]
+    lengths = suffix_lens.long()
+
+    def capped(scores):
+        return scores if softcap is None else softcap * torch.tanh(scores / softcap)
 
     # Prefix: every query against every prompt's prefix in one batched product (the prefix is read once, not
     # gathered per sample); each query then keeps the row of its own prompt.
-    scores = torch.einsum("nhgd,bhpd->nbhgp", query, prefix_k.to(work))
+    scores = capped(torch.einsum("nhgd,bhpd->nbhgp", query, prefix_k.to(work)))
     scores = scores[torch.arange(num_samples, device=q.device), prompt]
-    prefix_valid = torch.arange(prefix_max, device=q.device) < prefix_lens.long()[prompt][:, None]
+    prefix_positions = torch.arange(prefix_max, device=q.device)
+    prefix_valid = prefix_positions < sample_prefix_lens[:, None]
+    if window is not None:
+        prefix_valid &= prefix_positions > (sample_prefix_lens + lengths - 1 - window)[:, None]
     scores = scores.masked_fill(~prefix_valid[:, None, None, :], float("-inf"))
 
     # Positions past a length may hold anything (a preallocated buffer): zero them so 0 * garbage stays 0.
-    prompt_valid = torch.arange(prefix_max, device=q.device) < prefix_lens.long()[:, None]
+    prompt_valid = prefix_positions < prefix_lens.long()[:, None]
     prefix_values_valid = torch.where(prompt_valid[:, None, :, None], prefix_v.to(work), 0)
 
     def prefix_values(probs):
@@ -73,14 +87,20 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
 
     out_prefix, lse_prefix = _partial_attention(scores, prefix_values)
 
-    scores = torch.einsum("nhgd,nhtd->nhgt", query, suffix_k.to(work))
-    suffix_valid = torch.arange(suffix_max, device=q.device) < suffix_lens.long()[:, None]
+    scores = capped(torch.einsum("nhgd,nhtd->nhgt", query, suffix_k.to(work)))
+    suffix_positions = torch.arange(suffix_max, device=q.device)
+    suffix_stored = suffix_positions < lengths[:, None]
+    suffix_valid = suffix_stored if window is None else suffix_stored & (
+        suffix_positions >= (lengths - window)[:, None])
     scores = scores.masked_fill(~suffix_valid[:, None, None, :], float("-inf"))
-    suffix_values_valid = torch.where(suffix_valid[:, None, :, None], suffix_v.to(work), 0)
+    suffix_values_valid = torch.where(suffix_stored[:, None, :, None], suffix_v.to(work), 0)
     out_suffix, lse_suffix = _partial_attention(
         scores, lambda probs: torch.einsum("nhgt,nhtd->nhgd", probs, suffix_values_valid))
 
-    out, _ = merge_states(out_prefix, lse_prefix, out_suffix, lse_suffix)
+    out, lse = merge_states(out_prefix, lse_prefix, out_suffix, lse_suffix)
+    if sinks is not None:  # a key of logit sinks[h] whose value is zero
+        sink_lse = sinks.to(work).view(1, num_kv_heads, group).expand_as(lse)
+        out, _ = merge_states(out, lse, torch.zeros_like(out), sink_lse)
     return out.reshape(num_samples, num_q_heads, head_dim).to(q.dtype)
 
 
