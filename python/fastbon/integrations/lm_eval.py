@@ -1,0 +1,125 @@
+"""The lm-evaluation-harness model ``fastbon``: HF's model class, with ``generate_until`` drawn by fastbon.
+
+``import fastbon.integrations.lm_eval`` registers it; then ``lm_eval --model fastbon --model_args pretrained=DIR``
+(or ``simple_evaluate(model="fastbon", ...)``) runs a task as with ``--model hf``. lm-eval clones every request
+``repeats`` times (self-consistency tasks use 64) and HF's class generates each clone on its own; here the
+identical requests of one document (same context, same generation kwargs) become one fastbon call with
+n = their count, so the document is prefilled once and its KV cache shared by all its samples. Greedy requests
+are drawn once and repeated (they are the same sequence).
+
+What is honoured exactly as HF's class does it: ``until`` (stop strings, matched across token boundaries; the text
+is cut at the first one as HF's class cuts it), ``max_gen_toks`` and its aliases, the context's tokenization and
+left truncation, ``think_end_token``; sampling kwargs through the HF drop-in's check (``do_sample``,
+``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``; anything else away from HF's default
+raises, naming it). The log-likelihood methods are HF's own. Extra ``model_args``: ``fastbon_seed`` (an int: each
+document's samples then depend only on it, the context and the kwargs — never on batching; default: torch's seed),
+``fastbon_backend``.
+"""
+
+import hashlib
+import json
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+
+from ..generate import generate as fastbon_generate
+from .transformers import generation_settings, merged_generation_config
+
+
+def _key(context: str, gen_kwargs: dict) -> str:
+    return json.dumps([context, gen_kwargs], sort_keys=True, default=repr)
+
+
+def _document_seed(seed: int, key: str) -> int:
+    """A 63-bit seed from the run's seed and the request: the same document draws the same samples in any batch."""
+    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@register_model("fastbon")
+class FastbonLM(HFLM):
+    """``HFLM`` whose ``generate_until`` draws each document's ``repeats`` samples in one shared-prefix call."""
+
+    def __init__(self, *args, fastbon_seed=None, fastbon_backend=None, **kwargs):
+        if fastbon_seed is not None and (isinstance(fastbon_seed, bool) or not isinstance(fastbon_seed, int)):
+            raise TypeError(f"fastbon_seed must be an int or None, got {type(fastbon_seed).__name__}")
+        super().__init__(*args, **kwargs)
+        self.fastbon_seed, self.fastbon_backend = fastbon_seed, fastbon_backend
+
+    def _request_settings(self, gen_kwargs: dict, eos: str, context_length: int) -> tuple[dict, list]:
+        """(fastbon.generate keywords, stop strings) for one request's kwargs, as HF's class reads them."""
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        if not kwargs.get("do_sample"):
+            kwargs.pop("temperature", None)  # as HF's class: greedy needs no temperature
+        max_length = kwargs.pop("max_length", None)
+        config = merged_generation_config(self.model, max_new_tokens=max_gen_toks, **kwargs)
+        if max_length is not None:  # HF's class lets max_length (context + generation) override max_gen_toks
+            config.max_new_tokens, config.max_length = None, max_length
+        settings = generation_settings(config, context_length)
+        stops = [stop for stop in until if stop]
+        if stops:
+            settings.update(stop_strings=stops, tokenizer=self.tokenizer)
+        return settings, until
+
+    def _text(self, tokens: list, until: list) -> str:
+        """A completion's text as HF's class makes it: after the last thinking token, cut at the first stop."""
+        if isinstance(self.think_end_token, int) and self.think_end_token in tokens:
+            tokens = tokens[len(tokens) - tokens[::-1].index(self.think_end_token):]
+            text = self.tok_decode(tokens).lstrip()
+        else:
+            text = self.tok_decode(tokens)
+        think = self.think_end_token if isinstance(self.think_end_token, str) else None
+        return postprocess_generated_text(generation=text, stop=until, think_end_token=think)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups = {}
+        for position, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            if not isinstance(gen_kwargs, dict):
+                raise TypeError(f"generation kwargs must be a dict, got {type(gen_kwargs).__name__}")
+            groups.setdefault(_key(context, gen_kwargs), (context, gen_kwargs, []))[2].append(position)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        seed = self.fastbon_seed if self.fastbon_seed is not None else torch.initial_seed()
+        # One call per (kwargs, number of samples): every document in it draws the same n.
+        calls = {}
+        for key, (_, gen_kwargs, positions) in groups.items():
+            calls.setdefault((_key("", gen_kwargs), len(positions)), []).append(key)
+        results = [None] * len(requests)
+        for (_, count), keys in calls.items():
+            gen_kwargs = groups[keys[0]][1]
+            per_call = max(1, self.batch_size // count) if isinstance(self.batch_size, int) else len(keys)
+            for start in range(0, len(keys), per_call):
+                chunk = keys[start:start + per_call]
+                texts = self._generate_group([groups[key][0] for key in chunk], gen_kwargs, count, eos,
+                                             [_document_seed(seed, key) for key in chunk])
+                for key, document_texts in zip(chunk, texts, strict=True):
+                    context, _, positions = groups[key]
+                    for position, text in zip(positions, document_texts, strict=True):
+                        results[position] = text
+                        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results
+
+    def _generate_group(self, contexts: list, gen_kwargs: dict, count: int, eos: str, seeds: list) -> list:
+        """``count`` completion texts for each context (same kwargs), from one fastbon call."""
+        # Each context encoded and left-truncated as HF's class does (one at a time: no padding to strip).
+        budget = self.max_length - normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"]
+        prompts = [self.tok_batch_encode([context], left_truncate_len=budget, truncation=self.truncation)[0][0]
+                   for context in contexts]
+        settings, until = self._request_settings(gen_kwargs, eos, max(prompt.numel() for prompt in prompts))
+        greedy = settings["temperature"] == 0.0
+        settings["n"] = 1 if greedy else count
+        with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                            enabled=self.mixed_precision_dtype is not None):
+            result = fastbon_generate(self.model, [prompt.to(self.device) for prompt in prompts],
+                                      k=1, return_all=True, seed=seeds, backend=self.fastbon_backend, **settings)
+        sequences, lengths = result.all_sequences.tolist(), result.all_lengths.tolist()
+        texts = []
+        for row in range(len(prompts)):
+            drawn = [self._text(sequences[row][sample][:lengths[row][sample]], until)
+                     for sample in range(settings["n"])]
+            texts.append(drawn * count if greedy else drawn)
+        return texts
