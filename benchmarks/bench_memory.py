@@ -1,0 +1,111 @@
+"""Memory that follows the tokens generated, and the memory budget.
+
+    python benchmarks/bench_memory.py follow     # best-of-32, max_new_tokens 100_000 vs 2_000, samples stop at EOS
+    python benchmarks/bench_memory.py budget     # best-of-1024 at P=2048 under max_memory=512MiB vs unbounded
+    pytest benchmarks/bench_memory.py            # a seconds-long smoke run of both (CI)
+
+``follow``: a random-weight Llama whose EOS is a token it draws about once per few hundred steps, so samples end
+at EOS after a few hundred tokens; the same call with max_new_tokens 100_000 and 2_000 (same seed: same samples
+unless one would pass 2,000). Reports peak RSS growth against the KV bytes of the tokens generated, and time per
+generated token. ``budget``: peak RSS growth under max_memory vs without, and whether the results are equal.
+Each run is in its own subprocess, so one run's allocator cache does not hide the next one's growth.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import fastbon
+from fastbon.bench import PeakMemory, llama_model
+
+FOLLOW_SHAPE = dict(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000, intermediate=1376)
+TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=500, intermediate=128)
+
+
+def _pick_eos(model, prompt, eos_rate):
+    with torch.no_grad():
+        probabilities = torch.softmax(model(prompt).logits[0, -1].double(), -1)
+    return int((probabilities - eos_rate).abs().argmin())
+
+
+def _kv_bytes_per_token(model):
+    config = model.config
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * (
+        config.hidden_size // config.num_attention_heads) * 4
+
+
+def run_once(kind, shape, max_new_tokens, n, prompt_len, max_memory=None, eos_rate=1 / 300):
+    model = llama_model(**shape)
+    prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    if kind == "follow":
+        model.generation_config.eos_token_id = _pick_eos(model, prompt, eos_rate)
+    start = time.perf_counter()
+    with PeakMemory("cpu") as peak:
+        result = fastbon.generate(model, prompt, n=n, k=n, max_new_tokens=max_new_tokens, top_p=0.95, seed=0,
+                                  max_memory=max_memory)
+    seconds = time.perf_counter() - start
+    generated = int(result.lengths.sum())
+    return dict(seconds=seconds, peak_mb=peak.peak_bytes / 2**20, generated=generated,
+                longest=int(result.lengths.max()), mean=generated / n, waves=result.stats["waves"],
+                generated_kv_mb=generated * _kv_bytes_per_token(model) / 2**20,
+                prefix_kv_mb=result.stats["prefix_kv_bytes"] / 2**20,
+                ms_per_token=1000 * seconds / max(1, result.stats["tokens_generated"]),
+                sequences=result.sequences[0].tolist())
+
+
+def _in_subprocess(**arguments):
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_memory as b; "
+            f"r = b.run_once(**{arguments!r}); print(json.dumps(r))")
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def follow(shape, n=32, prompt_len=64, long=100_000, short=2_000, eos_rate=1 / 300):
+    runs = {tokens: _in_subprocess(kind="follow", shape=shape, max_new_tokens=tokens, n=n, prompt_len=prompt_len,
+                                   eos_rate=eos_rate) for tokens in (short, long)}
+    for tokens, run in runs.items():
+        print(f"max_new_tokens={tokens}: {run['seconds']:.2f} s, {run['generated']} tokens (mean {run['mean']:.0f}, "
+              f"longest {run['longest']}), peak RSS growth {run['peak_mb']:.1f} MB, KV of the generated tokens "
+              f"{run['generated_kv_mb']:.1f} MB, {run['ms_per_token']:.3f} ms per generated token")
+    big = runs[long]
+    print(f"peak RSS growth / (2 x generated KV + 256 MB) = {big['peak_mb'] / (2 * big['generated_kv_mb'] + 256):.2f}"
+          f" (target <= 1); time per token {long} / {short}: {big['ms_per_token'] / runs[short]['ms_per_token']:.2f}x "
+          "(target <= 1.5)")
+    return runs
+
+
+def budget(shape, n=1024, prompt_len=2048, new_tokens=64, max_memory="512MiB"):
+    bounded = _in_subprocess(kind="budget", shape=shape, max_new_tokens=new_tokens, n=n, prompt_len=prompt_len,
+                             max_memory=max_memory)
+    unbounded = _in_subprocess(kind="budget", shape=shape, max_new_tokens=new_tokens, n=n, prompt_len=prompt_len)
+    for name, run in (("max_memory=" + str(max_memory), bounded), ("unbounded", unbounded)):
+        print(f"{name}: {run['seconds']:.2f} s in {run['waves']} wave(s), peak RSS growth {run['peak_mb']:.1f} MB")
+    print(f"equal results: {bounded['sequences'] == unbounded['sequences']}")
+    return bounded, unbounded
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["follow", "budget"])
+    args = parser.parse_args(argv)
+    if args.what == "follow":
+        follow(FOLLOW_SHAPE)
+    else:
+        budget(FOLLOW_SHAPE)
+    return 0
+
+
+def test_memory_smoke():
+    runs = follow(TINY_SHAPE, n=4, prompt_len=8, long=2_000, short=100, eos_rate=1 / 20)
+    assert runs[2_000]["longest"] < 2_000
+    bounded, unbounded = budget(TINY_SHAPE, n=16, prompt_len=32, new_tokens=4, max_memory=2**20 // 4)
+    assert bounded["waves"] > 1 and bounded["sequences"] == unbounded["sequences"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
