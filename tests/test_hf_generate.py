@@ -157,18 +157,6 @@ def test_reproducible_with_seed():
     assert not torch.equal(runs[0].sequences, runs[2].sequences)
 
 
-def test_hf_custom_generate_entry():
-    model = tiny_model("llama")
-    _, ids, mask = _unequal_prompts("left")
-    n = 3
-    out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=fastbon.hf.generate,
-                         num_return_sequences=n, do_sample=True, top_k=0, max_new_tokens=5, fastbon_seed=4)
-    direct = fastbon.generate(model, ids, attention_mask=mask, n=n, k=n, max_new_tokens=5, top_k=0, seed=4)
-    assert out.shape == (ids.shape[0] * n, ids.shape[1] + 5)
-    assert torch.equal(out[:, :ids.shape[1]], ids.repeat_interleave(n, 0))
-    assert torch.equal(out[:, ids.shape[1]:], direct.sequences.reshape(-1, 5))
-
-
 def test_bad_inputs():
     model = tiny_model("llama")
     ids = torch.tensor([[1, 2, 3]])

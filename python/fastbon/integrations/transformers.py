@@ -63,6 +63,11 @@ def merged_generation_config(model, **settings) -> GenerationConfig:
     return config
 
 
+def _is_default(value, default) -> bool:
+    """A flag left off reads False in some configs and None in others: both are HF's default."""
+    return value == default or (value in (None, False) and default in (None, False) and type(value) is not int)
+
+
 def generation_settings(config: GenerationConfig, prompt_width: int, tokenizer=None) -> dict:
     """``fastbon.generate`` keywords (n, max_new_tokens, sampling, eos, stop strings) for an HF generation config.
 
@@ -75,7 +80,7 @@ def generation_settings(config: GenerationConfig, prompt_width: int, tokenizer=N
     sampling = bool(config.do_sample)
     refused = [f"{name}={value!r}" for name, value in sorted(config.to_dict().items())
                if not (name.startswith("_") or name in HONOURED or name in INERT
-                       or (not sampling and name in SAMPLING_ONLY)) and value != defaults.get(name)]
+                       or (not sampling and name in SAMPLING_ONLY)) and not _is_default(value, defaults.get(name))]
     if refused:
         raise ValueError(f"generation settings {', '.join(refused)} are not supported by fastbon (each differs from "
                          f"HF's default); fastbon honours {', '.join(sorted(HONOURED))}")
