@@ -1,7 +1,8 @@
 """``fastbon batch``: Ray Data scaling (2 workers x 1 thread vs 1 worker x 1 thread, the same job) and the local
 path's overhead over the ``fastbon.generate`` calls it makes (the same groups, seeds and threads).
 
-    python benchmarks/bench_batch.py [--prompts 192] [--n 8] [--new-tokens 8] [--batch-prompts 8] [--skip-ray]
+    python benchmarks/bench_batch.py [--prompts 768] [--n 32] [--new-tokens 8] [--batch-prompts 16] [--threads 1]
+                                     [--repeats 3] [--skip-ray]
     pytest benchmarks/bench_batch.py          # a seconds-long smoke run of the overhead comparison (CI)
 
 Prompts/s counts the whole ``fastbon.batch.run`` call (reading, planning, actor start-up with its model load,
@@ -12,6 +13,7 @@ part's write, which leaves the fixed start-up out. Writes benchmarks/out/batch.c
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,30 +38,35 @@ def write_job(folder: Path, prompts: int) -> Path:
     return path
 
 
-def direct_calls(model, tokenizer, path, job) -> float:
-    """Seconds for the ``fastbon.generate`` calls alone, over the groups the batch job makes."""
+def direct_calls(model, tokenizer, path, job) -> tuple:
+    """(wall, CPU) seconds for the ``fastbon.generate`` calls alone, over the groups the batch job makes."""
     table = batch_io.read_input(path)
     ids, texts = table["id"].to_pylist(), table["prompt"].to_pylist()
     encoded = [tokenizer(text).input_ids for text in texts]
     groups = batch.plan_groups(ids, texts, [len(e) for e in encoded], job["batch_prompts"], {})
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for group in groups:
         fastbon.generate(model, [torch.tensor(encoded[p]) for p in group], n=job["n"], k=1,
                          max_new_tokens=job["max_new_tokens"], seed=[batch.prompt_seed(0, ids[p]) for p in group])
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def local_overhead(path, job, repeats: int, folder: Path) -> dict:
-    """Direct calls and whole ``batch.run`` calls, alternated; the medians and the overhead."""
+    """Direct calls and whole ``batch.run`` calls (model load included), alternated: the medians of wall and of
+    CPU time (the process's own, which other load on a shared machine disturbs less) and the overheads."""
     model, tokenizer = load_default_model()
     direct, local = [], []
     for repeat in range(repeats):
         direct.append(direct_calls(model, tokenizer, path, job))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         batch.run(path, folder / f"local{repeat}", progress=False, seed=0, **job)
-        local.append(time.perf_counter() - start)
-    direct_s, local_s = statistics.median(direct), statistics.median(local)
-    return dict(direct_s=direct_s, local_s=local_s, overhead=local_s / direct_s - 1)
+        local.append((time.perf_counter() - start, time.process_time() - cpu_start))
+    result = {}
+    for index, clock in enumerate(("wall", "cpu")):
+        result[f"direct_{clock}_s"] = statistics.median(run[index] for run in direct)
+        result[f"local_{clock}_s"] = statistics.median(run[index] for run in local)
+        result[f"overhead_{clock}"] = result[f"local_{clock}_s"] / result[f"direct_{clock}_s"] - 1
+    return result
 
 
 def steady_prompts_per_s(folder: Path, workers: int) -> float:
@@ -82,9 +89,9 @@ def ray_scaling(path, job, folder: Path, prompts: int) -> list:
             summary = batch.run(path, out, ray=True, workers=workers, threads_per_worker=1, progress=False, seed=0,
                                 **job)
             wall = time.perf_counter() - start
-            rows.append(dict(workers=workers, seconds=wall, prompts_per_s=prompts / wall,
-                             steady_prompts_per_s=steady_prompts_per_s(out, workers) / job["k"],
-                             tokens=summary["tokens"]))
+            steady = steady_prompts_per_s(out, workers) / job["k"]
+            rows.append(dict(workers=workers, seconds=wall, load_average=os.getloadavg()[0],
+                             prompts_per_s=prompts / wall, steady_prompts_per_s=steady, tokens=summary["tokens"]))
     finally:
         ray.shutdown()
     return rows
@@ -92,13 +99,15 @@ def ray_scaling(path, job, folder: Path, prompts: int) -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=192)
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--batch-prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=768)
+    parser.add_argument("--n", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8, help="the model's answers end (EOS) within 5 tokens")
+    parser.add_argument("--batch-prompts", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the local-path comparison")
     parser.add_argument("--repeats", type=int, default=3, help="alternated runs of the overhead comparison")
     parser.add_argument("--skip-ray", action="store_true")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     job = dict(n=args.n, k=1, max_new_tokens=args.new_tokens, batch_prompts=args.batch_prompts)
     results = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -107,14 +116,16 @@ def main(argv=None) -> int:
         print(f"{args.prompts} prompts, n={args.n}, {args.new_tokens} new tokens, {args.batch_prompts} prompts per "
               f"call, embedded model, {torch.get_num_threads()} threads (local path)")
         overhead = local_overhead(path, job, args.repeats, folder)
-        print(f"local path: {overhead['local_s']:.2f} s vs direct fastbon.generate calls {overhead['direct_s']:.2f} s"
-              f" (medians of {args.repeats}): overhead {overhead['overhead']:+.1%}")
-        results.append(dict(run="local", **overhead))
+        for clock in ("wall", "cpu"):
+            print(f"local path: {overhead[f'local_{clock}_s']:.2f} s vs direct fastbon.generate calls "
+                  f"{overhead[f'direct_{clock}_s']:.2f} s {clock} (medians of {args.repeats}): overhead "
+                  f"{overhead[f'overhead_{clock}']:+.1%}")
+        results.append(dict(run="local", load_average=os.getloadavg()[0], **overhead))
         if not args.skip_ray:
             scaling = ray_scaling(path, job, folder, args.prompts)
             for row in scaling:
                 print(f"ray {row['workers']} worker(s) x 1 thread: {row['seconds']:.1f} s = {row['prompts_per_s']:.2f}"
-                      f" prompts/s (steady {row['steady_prompts_per_s']:.2f})")
+                      f" prompts/s (steady {row['steady_prompts_per_s']:.2f}), load average {row['load_average']:.1f}")
                 results.append(dict(run=f"ray{row['workers']}", **row))
             one, two = scaling
             print(f"2 workers vs 1: {two['prompts_per_s'] / one['prompts_per_s']:.2f}x prompts/s end to end, "
@@ -132,7 +143,7 @@ def main(argv=None) -> int:
 def test_batch_overhead_smoke(tmp_path):
     job = dict(n=2, k=1, max_new_tokens=3, batch_prompts=4)
     result = local_overhead(write_job(tmp_path, 8), job, 1, tmp_path)
-    assert result["direct_s"] > 0 and result["local_s"] > 0
+    assert result["direct_wall_s"] > 0 and result["local_cpu_s"] > 0
     assert batch_io.read_output(tmp_path / "local0").num_rows == 8
 
 

@@ -304,6 +304,10 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
         _positive_int(name, value)
     if ray is not False and ray is not True and not isinstance(ray, str):
         raise TypeError(f"ray must be False, True or a Ray address, got {ray!r}")
+    # Absolute paths, so the manifest names the same folders whatever the working directory of a rerun.
+    model = None if model is None else str(Path(model).resolve())
+    if isinstance(score, str) and score not in SCORE_RULES and Path(score).is_dir():
+        score = str(Path(score).resolve())
     config = BatchConfig(model=model, n=n, k=k, return_all=return_all, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                          repetition_penalty=repetition_penalty, seed=seed, score=score,
