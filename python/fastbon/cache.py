@@ -39,6 +39,8 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.suffix_keys = _suffix_buffer(num_samples, prefix_keys, capacity)
         self.suffix_values = _suffix_buffer(num_samples, prefix_values, capacity)
         self.owner = owner
+        # (window, softcap, sinks) of this layer's attention in the op's form: set by fastbon.hf on the first call.
+        self.attention_features = None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # buffers exist from the start
@@ -47,9 +49,9 @@ class SharedPrefixLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         """Write this step's key/value [N, Hkv, 1, D] at the current suffix position; attention reads the buffers
         through the cache (``fastbon.hf``), so what is returned is only what HF's signature asks for."""
-        position = self.owner.suffix_length
-        self.suffix_keys[:, :, position] = key_states[:, :, 0]
-        self.suffix_values[:, :, position] = value_states[:, :, 0]
+        # The position as a tensor, not a Python int: a compiled decode step then runs every step unchanged.
+        self.suffix_keys.index_copy_(2, self.owner.position, key_states)
+        self.suffix_values.index_copy_(2, self.owner.position, value_states)
         return self.suffix_keys, self.suffix_values
 
     def get_seq_length(self) -> int:
@@ -93,6 +95,7 @@ class SharedPrefixCache(Cache):
         self.prefix_lens = prefix_lens.to(torch.int32)
         self.sample_to_prompt = sample_to_prompt.to(torch.int32)
         self.suffix_length = 0
+        self.position = torch.zeros(1, dtype=torch.int64, device=self.prefix_lens.device)  # suffix_length, on device
         self.max_new_tokens = max_new_tokens
         self.suffix_capacity = min(SUFFIX_BLOCK, max_new_tokens)
         self.attention_calls = 0  # layers served by fastbon's attention: the decode loop checks the routing with it
@@ -124,6 +127,7 @@ class SharedPrefixCache(Cache):
     def advance(self) -> None:
         """One decode step has been written into every layer."""
         self.suffix_length += 1
+        self.position += 1
         self._refresh_lengths()
 
     def select_samples(self, rows: torch.Tensor) -> None:

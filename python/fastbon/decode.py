@@ -11,6 +11,7 @@ import torch
 
 from . import hf
 from .cache import SharedPrefixCache
+from .compiled import bucket_rows, compiled_forward
 from .memory import wave_rows
 from .ops.sampling import SamplingParams, sample_implementation
 from .ops.topk import select_topk
@@ -37,6 +38,7 @@ class DecodeSettings:
     logprobs: str
     stops: StopStrings | None
     repetition_penalty: float
+    compile: bool = False
 
 
 @dataclass
@@ -137,16 +139,23 @@ class _Run:
         self.steps = self.checked_steps = self.tokens_generated = 0
         self.peak_suffix_bytes = 0
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
+        self.cache_argument = hf.cache_argument(model)
+        self.compiled = compiled_forward(model) if settings.compile else None
 
     def _forward(self):
         """One decode step of the model over the live rows: logits [rows, V]."""
         batch, cache = self.batch, self.cache
         cache.reserve()
         self.peak_suffix_bytes = max(self.peak_suffix_bytes, cache.nbytes()[1])
-        logits = self.model(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
-                            attention_mask=batch.decode_mask, use_cache=True,
-                            **{hf.cache_argument(self.model): cache, hf.CACHE_KWARG: cache},
-                            **self.forward_extra).logits[:, -1]
+        inputs = dict(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
+                      attention_mask=batch.decode_mask, use_cache=True,
+                      **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
+        # The first decode step runs eagerly: it checks that every attention layer is fastbon's.
+        if self.compiled is None or self.steps == 1:
+            logits = self.model(**inputs).logits[:, -1]
+        else:
+            logits = self.compiled(self.stats, (batch.sample_ids.shape[0], cache.suffix_capacity), **inputs)
+            logits = logits.logits[:, -1]
         if self.steps == 1 and cache.attention_calls != len(cache.layers):
             raise RuntimeError(f"model type {self.model.config.model_type!r}: {cache.attention_calls} of "
                                f"{len(cache.layers)} attention layers ran through transformers' AttentionInterface; "
@@ -276,9 +285,11 @@ def _decode_rows(run: _Run, prompts: list) -> None:
             unfinished = (~run.batch.finished).nonzero().flatten()
             if unfinished.numel() == 0 or run.steps == max_new_tokens:
                 break
-            # Finished samples leave the batch while the host looks anyway.
+            # Finished samples leave the batch while the host looks anyway (a compiled step: in halving buckets).
             if unfinished.numel() < run.batch.sample_ids.numel():
-                run.keep_rows(unfinished)
+                rows = bucket_rows(unfinished, run.batch.finished) if run.compiled is not None else unfinished
+                if rows is not None:
+                    run.keep_rows(rows)
         if prune is not None and run.steps % prune.every == 0 and run.steps < max_new_tokens:
             run.check_stops()  # the partial scores must see stopped samples as finished
             run.prune(prompts)

@@ -108,7 +108,7 @@ def _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, re
 def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
              eos_token_id=None, score="mean_logprob", seed=None, attention_mask=None, return_all=False, prune=None,
              backend=None, logprobs="raw", stop_strings=None, tokenizer=None, repetition_penalty=1.0,
-             max_memory=None):
+             max_memory=None, compile=False):
     """Best-of-n sampling from a Hugging Face causal LM with one shared KV cache per prompt.
 
     Args:
@@ -136,6 +136,8 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
         max_memory: the bytes this call may use beyond the model (an int or "512MiB"; default 90 % of what the
             device has free). Past it the samples decode in waves that share the prefill (same results); a call
             that cannot fit even one sample is refused with the numbers before the prefill (``fastbon.memory``).
+        compile: run the decode steps under ``torch.compile`` (``fastbon.compiled``): same tokens as eager; the
+            first call of each shape pays the compile time (``stats["compile_seconds"]``), later calls reuse it.
 
     Returns:
         GenerationResult: sequences/lengths/scores/token_logprobs/finish_reasons of the best k per prompt, and all
@@ -143,6 +145,8 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
     """
     _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, repetition_penalty)
     parse_budget(max_memory)
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     hf.check_model(model, 0)
     eos_ids, pad_token_id = special_ids(model, eos_token_id)
@@ -155,7 +159,7 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
                              min_p=min_p, seed=sample_seeds(seed, num_prompts, n).to(device))
     settings = DecodeSettings(n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
                               backend=backend, prune=prune, logprobs=logprobs, stops=stops,
-                              repetition_penalty=float(repetition_penalty))
+                              repetition_penalty=float(repetition_penalty), compile=compile)
     stats = {}
     with torch.no_grad():
         run = decode(model, prompts, params, settings, stats, max_memory)
