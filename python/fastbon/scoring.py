@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .prompts import left_pad
+
 SCORE_RULES = ("mean_logprob", "sum_logprob")
 
 
@@ -146,13 +148,7 @@ def reward_model(model, batch_size: int = 32) -> Callable:
         device = samples.sequences.device
         values = []
         for start in range(0, len(sequences), batch_size):
-            batch = sequences[start:start + batch_size]
-            width = max(sequence.numel() for sequence in batch)
-            ids = torch.full((len(batch), width), samples.pad_token_id, dtype=torch.int64, device=device)
-            mask = torch.zeros((len(batch), width), dtype=torch.int64, device=device)
-            for row, sequence in enumerate(batch):  # left padding: the last position is every row's last token
-                ids[row, width - sequence.numel():] = sequence
-                mask[row, width - sequence.numel():] = 1
+            ids, mask = left_pad(sequences[start:start + batch_size], samples.pad_token_id, device)
             values.append(torch.as_tensor(rewards(ids, mask)).reshape(-1).float())
         values = torch.cat(values)
         if values.numel() != len(sequences):
