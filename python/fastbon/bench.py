@@ -18,7 +18,8 @@ import torch
 
 from .generate import generate
 
-CSV_FIELDS = ["device", "P", "n", "new_tokens", "fastbon_s", "hf_s", "speedup", "fastbon_tokens_per_s",
+CSV_FIELDS = ["device", "P", "n", "new_tokens", "compiled", "cold_s", "compile_s",
+              "fastbon_s", "hf_s", "speedup", "fastbon_tokens_per_s",
               "hf_tokens_per_s", "fastbon_peak_mb", "hf_peak_mb", "fastbon_kv_mb", "hf_kv_mb", "kv_ratio",
               "step_bytes_model_mb", "fastbon_decode_gbps"]
 
@@ -106,12 +107,22 @@ def step_bytes_model(model, prompt_len, n, new_tokens) -> int:
     return weights + kv_bytes_per_token(model) * (prompt_len + n * new_tokens // 2)
 
 
-def run_cell(model, prompt_len, n, new_tokens, *, top_p=0.95, run_hf=True, seed=0) -> dict:
+def run_cell(model, prompt_len, n, new_tokens, *, top_p=0.95, run_hf=True, seed=0, compile=False) -> dict:
+    """One cell. With ``compile``, an untimed first call of the same shapes compiles the decode step (its time
+    and the compile time are reported as ``cold_s`` and ``compile_s``) before the timed call."""
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=generator).to(device)
-    result, fastbon_s, fastbon_peak = _timed(lambda: generate(
-        model, prompt, n=n, k=1, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=top_p, seed=seed), device)
+
+    def call():
+        return generate(model, prompt, n=n, k=1, max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=top_p,
+                        seed=seed, compile=compile)
+
+    cold = {}
+    if compile:
+        warm, cold_s, _ = _timed(call, device)
+        cold = dict(cold_s=cold_s, compile_s=warm.stats.get("compile_seconds", 0.0))
+    result, fastbon_s, fastbon_peak = _timed(call, device)
     generated = n * new_tokens
     assert result.lengths.min().item() == new_tokens, "EOS must not end a benchmark sample early"
     fastbon_kv = result.stats["prefix_kv_bytes"] + result.stats["suffix_kv_bytes"]
@@ -119,7 +130,7 @@ def run_cell(model, prompt_len, n, new_tokens, *, top_p=0.95, run_hf=True, seed=
     row = dict(device=str(device), P=prompt_len, n=n, new_tokens=new_tokens, fastbon_s=fastbon_s,
                fastbon_tokens_per_s=generated / fastbon_s, fastbon_peak_mb=fastbon_peak / 2**20,
                fastbon_kv_mb=fastbon_kv / 2**20, step_bytes_model_mb=step_bytes / 2**20,
-               fastbon_decode_gbps=step_bytes * new_tokens / fastbon_s / 1e9)
+               fastbon_decode_gbps=step_bytes * new_tokens / fastbon_s / 1e9, compiled=compile, **cold)
     if run_hf:
         with torch.no_grad():
             _, hf_s, hf_peak = _timed(lambda: model.generate(
@@ -132,7 +143,8 @@ def run_cell(model, prompt_len, n, new_tokens, *, top_p=0.95, run_hf=True, seed=
     return row
 
 
-def run_grid(model, prompt_lens, ns, new_tokens_list, *, top_p=0.95, run_hf=True, progress=True) -> list:
+def run_grid(model, prompt_lens, ns, new_tokens_list, *, top_p=0.95, run_hf=True, progress=True,
+             compile=False) -> list:
     cells = list(itertools.product(prompt_lens, ns, new_tokens_list))
     if progress:
         from tqdm import tqdm
@@ -140,7 +152,7 @@ def run_grid(model, prompt_lens, ns, new_tokens_list, *, top_p=0.95, run_hf=True
         cells = tqdm(cells, desc="best-of-n vs HF", unit="cell")
     rows = []
     for prompt_len, n, new_tokens in cells:
-        rows.append(run_cell(model, prompt_len, n, new_tokens, top_p=top_p, run_hf=run_hf))
+        rows.append(run_cell(model, prompt_len, n, new_tokens, top_p=top_p, run_hf=run_hf, compile=compile))
     return rows
 
 
@@ -206,13 +218,16 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
     parser.add_argument("--no-hf", action="store_true", help="time fastbon only")
+    parser.add_argument("--compile", action="store_true", help="fastbon's decode step under torch.compile (a warm-up "
+                        "call of each cell's shapes compiles it, untimed; cold and compile times are reported apart)")
     parser.add_argument("--out", default="benchmarks/out", help="folder for e2e.csv and e2e.png")
     args = parser.parse_args(argv)
     shape = {"cpu": CPU_SHAPE, "gpu": GPU_SHAPE, "tiny": TINY_SHAPE}[
         args.shape or ("gpu" if args.device.startswith("cuda") else "cpu")]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = llama_model(**shape, dtype=dtype, device=args.device)
-    rows = run_grid(model, args.P, args.n, args.new_tokens, top_p=args.top_p, run_hf=not args.no_hf)
+    rows = run_grid(model, args.P, args.n, args.new_tokens, top_p=args.top_p, run_hf=not args.no_hf,
+                    compile=args.compile)
     os.makedirs(args.out, exist_ok=True)
     write_csv(rows, os.path.join(args.out, "e2e.csv"))
     plotted = plot(rows, os.path.join(args.out, "e2e.png"))

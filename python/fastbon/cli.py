@@ -42,7 +42,7 @@ def run(args) -> int:
     start = time.perf_counter()
     result = generate(model, input_ids, n=args.n, k=args.k, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                      seed=args.seed, return_all=True)
+                      seed=args.seed, return_all=True, compile=args.compile)
     elapsed = time.perf_counter() - start
     generated = int(result.all_lengths.sum())
     print(f"model: {description}")
@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     run_parser.add_argument("--model", default=None, help="a local Hugging Face model folder (default: embedded)")
     run_parser.add_argument("--prompt", default=None)
     _sampling_arguments(run_parser)
+    run_parser.add_argument("--compile", action="store_true", help="the decode step under torch.compile")
     run_parser.set_defaults(handler=run)
     batch_parser = commands.add_parser("batch", help="best-of-n over a file of prompts into Parquet, resumable")
     _batch_arguments(batch_parser)
