@@ -89,3 +89,13 @@ def test_a_killed_worker_then_a_resume_on_one_worker_equal_the_local_path(cluste
     assert summary["prompts"] == 3 * JOB["batch_prompts"] and summary["skipped"] == PROMPTS - 3 * JOB["batch_prompts"]
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept, "finished parts were not rewritten"
     assert rows_of(out) == local_rows
+
+
+def test_bad_input_read_by_ray_is_refused_before_any_work(cluster, tmp_path):
+    (tmp_path / "garbage.jsonl").write_text("{not json\n")
+    (tmp_path / "duplicates.jsonl").write_text('{"id": 4, "prompt": "1+2="}\n{"id": 4, "prompt": "3+4="}\n')
+    for name, message in (("missing.jsonl", "cannot read .*FileNotFoundError"), ("garbage.jsonl", "cannot read"),
+                          ("duplicates.jsonl", r"duplicate ids \[4\]")):
+        with pytest.raises(ValueError, match=message):
+            batch.run(tmp_path / name, tmp_path / "out", ray=True, progress=False, **JOB)
+    assert not (tmp_path / "out").exists()

@@ -257,7 +257,7 @@ class Progress:
     def __init__(self, total: int, skipped: int, n: int, enabled: bool):
         from tqdm import tqdm
 
-        self.n, self.prompts, self.tokens, self.parts, self.skipped = n, 0, 0, 0, skipped
+        self.n, self.prompts, self.tokens, self.parts, self.skipped, self.enabled = n, 0, 0, 0, skipped, enabled
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, unit="prompt", disable=not enabled, dynamic_ncols=True)
 

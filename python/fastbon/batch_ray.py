@@ -15,6 +15,7 @@ CPUs beside the actors, which a 2-core node does not have.) Ray does placement, 
 restarted and its call rerun: ``max_restarts`` / ``max_task_retries`` below) and back-pressure.
 """
 
+import contextlib
 import os
 
 from . import batch_io
@@ -48,20 +49,32 @@ def cluster_has_gpus() -> bool:
     return _ray().cluster_resources().get("GPU", 0) >= 1
 
 
+@contextlib.contextmanager
+def _data_context(**execution_options):
+    """Ray Data settings for this job's data sets only (they copy the context when created); restored after."""
+    context = _ray().data.DataContext.get_current()
+    saved = {name: getattr(context.execution_options, name) for name in execution_options}
+    for name, value in execution_options.items():
+        setattr(context.execution_options, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(context.execution_options, name, value)
+
+
 def read_input(path) -> "batch_io.pyarrow.Table":
     """The input as one checked table, read by Ray Data in file order (row numbers are the default ids)."""
     ray = _ray()
     pyarrow = batch_io.pyarrow_modules()[0]
     kind = batch_io.input_format(path)
-    context = ray.data.DataContext.get_current()
-    preserve_order, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-    try:
-        dataset = ray.data.read_parquet(path) if kind == "parquet" else ray.data.read_json(path)
-        table = pyarrow.concat_tables(ray.get(dataset.to_arrow_refs()), promote_options="default")
-    except (ray.exceptions.RayError, OSError, FileNotFoundError, pyarrow.ArrowInvalid) as error:
-        raise ValueError(f"input: cannot read {path}: {error}") from error
-    finally:
-        context.execution_options.preserve_order = preserve_order
+    with _data_context(preserve_order=True):
+        try:
+            dataset = ray.data.read_parquet(path) if kind == "parquet" else ray.data.read_json(path)
+            table = pyarrow.concat_tables(ray.get(dataset.to_arrow_refs()), promote_options="default")
+        except (ray.exceptions.RayError, OSError, pyarrow.ArrowInvalid) as error:
+            cause = getattr(error, "cause", None) or error  # a failed read task's own error, not Ray's traceback
+            raise ValueError(f"input: cannot read {path}: {type(cause).__name__}: {cause}") from error
     return batch_io.check_input(table, f"input: {path}")
 
 
@@ -102,9 +115,15 @@ def run_on_ray(config, table, groups: list, output, meter, *, workers: int, thre
                              "prompts": [table[prompt_column].take(group).to_pylist()]}) for group in groups]
     config_dict = {**vars(config), "stop": tuple(config.stop)}
     resources = dict(num_gpus=1) if on_gpu else dict(num_cpus=threads_per_worker)
-    counts = ray.data.from_arrow(blocks).map_batches(
-        GroupWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-        fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
-                                   threads=threads_per_worker), **resources)
-    for row in counts.iter_rows():
-        meter.update(row["prompts"], row["tokens"])
+    # fastbon's progress bar counts prompts; Ray's own bars would print over it.
+    context = ray.data.DataContext.get_current()
+    progress_bars, context.enable_progress_bars = context.enable_progress_bars, not meter.enabled
+    try:
+        counts = ray.data.from_arrow(blocks).map_batches(
+            GroupWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+            fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
+                                       threads=threads_per_worker), **resources)
+        for row in counts.iter_rows():
+            meter.update(row["prompts"], row["tokens"])
+    finally:
+        context.enable_progress_bars = progress_bars
