@@ -7,7 +7,8 @@ path's overhead over the ``fastbon.generate`` calls it makes (the same groups, s
 
 Prompts/s counts the whole ``fastbon.batch.run`` call (reading, planning, actor start-up with its model load,
 writing parts); "steady" counts the parts written after each worker's first one, between the first and the last
-part's write, which leaves the fixed start-up out. Writes benchmarks/out/batch.csv.
+part's write, which leaves the fixed start-up out; prompts per worker CPU-second divides by the CPU time the
+workers spent on their groups, which a shared machine's other load disturbs least. Writes benchmarks/out/batch.csv.
 """
 
 import argparse
@@ -91,7 +92,8 @@ def ray_scaling(path, job, folder: Path, prompts: int) -> list:
             wall = time.perf_counter() - start
             steady = steady_prompts_per_s(out, workers) / job["k"]
             rows.append(dict(workers=workers, seconds=wall, load_average=os.getloadavg()[0],
-                             prompts_per_s=prompts / wall, steady_prompts_per_s=steady, tokens=summary["tokens"]))
+                             prompts_per_s=prompts / wall, steady_prompts_per_s=steady, tokens=summary["tokens"],
+                             prompts_per_worker_cpu_s=prompts / summary["worker_cpu_seconds"]))
     finally:
         ray.shutdown()
     return rows
@@ -125,11 +127,14 @@ def main(argv=None) -> int:
             scaling = ray_scaling(path, job, folder, args.prompts)
             for row in scaling:
                 print(f"ray {row['workers']} worker(s) x 1 thread: {row['seconds']:.1f} s = {row['prompts_per_s']:.2f}"
-                      f" prompts/s (steady {row['steady_prompts_per_s']:.2f}), load average {row['load_average']:.1f}")
+                      f" prompts/s (steady {row['steady_prompts_per_s']:.2f}), {row['prompts_per_worker_cpu_s']:.2f} "
+                      f"prompts per worker CPU-second, load average {row['load_average']:.1f}")
                 results.append(dict(run=f"ray{row['workers']}", **row))
             one, two = scaling
             print(f"2 workers vs 1: {two['prompts_per_s'] / one['prompts_per_s']:.2f}x prompts/s end to end, "
-                  f"{two['steady_prompts_per_s'] / one['steady_prompts_per_s']:.2f}x steady")
+                  f"{two['steady_prompts_per_s'] / one['steady_prompts_per_s']:.2f}x steady; per worker CPU-second "
+                  f"{two['prompts_per_worker_cpu_s'] / one['prompts_per_worker_cpu_s']:.2f}x (1.00 = no work lost to "
+                  "running two: two free cores would give 2x)")
     OUT.mkdir(exist_ok=True)
     with open(OUT / "batch.csv", "w", newline="") as handle:
         fields = sorted({key for row in results for key in row})

@@ -242,6 +242,15 @@ class PromptGenerator:
         return pyarrow.table(columns, schema=schema), int(result.stats["tokens_generated"])
 
 
+def run_group(generator: PromptGenerator, output, ids: list, prompts: list, jsonl: bool) -> dict:
+    """One group: generate, write its part; the counts the progress meter adds up (CPU seconds are this
+    process's, all its threads, so a shared machine's other load does not inflate them)."""
+    cpu_start = time.process_time()
+    rows, tokens = generator(ids, prompts)
+    batch_io.write_part(output, batch_io.part_key(ids), rows, jsonl)
+    return dict(prompts=len(ids), tokens=tokens, cpu_seconds=time.process_time() - cpu_start)
+
+
 def output_schema(id_type):
     pyarrow = batch_io.pyarrow_modules()[0]
     return pyarrow.schema([("id", id_type), ("prompt", pyarrow.string()), ("rank", pyarrow.int32()),
@@ -257,12 +266,14 @@ class Progress:
     def __init__(self, total: int, skipped: int, n: int, enabled: bool):
         from tqdm import tqdm
 
-        self.n, self.prompts, self.tokens, self.parts, self.skipped, self.enabled = n, 0, 0, 0, skipped, enabled
+        self.n, self.skipped, self.enabled = n, skipped, enabled
+        self.prompts, self.tokens, self.parts, self.cpu_seconds = 0, 0, 0, 0.0
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, unit="prompt", disable=not enabled, dynamic_ncols=True)
 
-    def update(self, prompts: int, tokens: int) -> None:
+    def update(self, prompts: int, tokens: int, cpu_seconds: float) -> None:
         self.prompts, self.tokens, self.parts = self.prompts + prompts, self.tokens + tokens, self.parts + 1
+        self.cpu_seconds += cpu_seconds
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.set_postfix_str(f"{self.prompts * self.n / elapsed:.1f} samples/s, {self.tokens / elapsed:.1f} "
                                  "tokens/s", refresh=False)
@@ -273,7 +284,7 @@ class Progress:
         seconds = time.perf_counter() - self.start
         return dict(prompts=self.prompts, skipped=self.skipped, parts=self.parts, samples=self.prompts * self.n,
                     tokens=self.tokens, seconds=seconds, prompts_per_s=self.prompts / max(seconds, 1e-9),
-                    tokens_per_s=self.tokens / max(seconds, 1e-9))
+                    tokens_per_s=self.tokens / max(seconds, 1e-9), worker_cpu_seconds=self.cpu_seconds)
 
 
 def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_tokens=64, temperature=1.0, top_k=0,
@@ -297,7 +308,7 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
 
     Returns:
         The summary: prompts generated this run, skipped (already written), parts, samples, tokens, seconds,
-        prompts_per_s, tokens_per_s.
+        prompts_per_s, tokens_per_s, worker_cpu_seconds (the groups' CPU time, summed over workers).
     """
     for name, value in (("batch_prompts", batch_prompts), ("workers", workers),
                         ("threads_per_worker", threads_per_worker)):
@@ -322,10 +333,8 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
         generator = PromptGenerator(config, device) if job.groups else None
         prompts = table[job.prompt_column].to_pylist()
         for group in job.groups:
-            group_ids = [job.ids[position] for position in group]
-            rows, tokens = generator(group_ids, [prompts[position] for position in group])
-            batch_io.write_part(output, batch_io.part_key(group_ids), rows, jsonl)
-            job.meter.update(len(group), tokens)
+            counts = run_group(generator, output, [job.ids[p] for p in group], [prompts[p] for p in group], jsonl)
+            job.meter.update(**counts)
         return job.meter.summary()
     from . import batch_ray
 

@@ -16,7 +16,6 @@ restarted and its call rerun: ``max_restarts`` / ``max_task_retries`` below) and
 """
 
 import contextlib
-import os
 
 from . import batch_io
 
@@ -88,19 +87,16 @@ class GroupWorker:
 
         if not on_gpu:
             torch.set_num_threads(threads)
-        self.generate = PromptGenerator(BatchConfig(**config), "cuda" if on_gpu else "cpu")
+        self.generator = PromptGenerator(BatchConfig(**config), "cuda" if on_gpu else "cpu")
         self.output, self.jsonl = output, config["jsonl"]
 
     def __call__(self, groups):
+        from .batch import run_group
+
         pyarrow = batch_io.pyarrow_modules()[0]
-        counts = {"prompts": [], "tokens": [], "pid": []}
-        for ids, prompts in zip(groups["ids"].to_pylist(), groups["prompts"].to_pylist(), strict=True):
-            rows, tokens = self.generate(ids, prompts)
-            batch_io.write_part(self.output, batch_io.part_key(ids), rows, self.jsonl)
-            counts["prompts"].append(len(ids))
-            counts["tokens"].append(tokens)
-            counts["pid"].append(os.getpid())
-        return pyarrow.table(counts)
+        rows = [run_group(self.generator, self.output, ids, prompts, self.jsonl)
+                for ids, prompts in zip(groups["ids"].to_pylist(), groups["prompts"].to_pylist(), strict=True)]
+        return pyarrow.table({name: [row[name] for row in rows] for name in rows[0]})
 
 
 def run_on_ray(config, table, groups: list, output, meter, *, workers: int, threads_per_worker: int,
@@ -124,6 +120,6 @@ def run_on_ray(config, table, groups: list, output, meter, *, workers: int, thre
             fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
                                        threads=threads_per_worker), **resources)
         for row in counts.iter_rows():
-            meter.update(row["prompts"], row["tokens"])
+            meter.update(**row)
     finally:
         context.enable_progress_bars = progress_bars
