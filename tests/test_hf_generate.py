@@ -10,6 +10,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     OPTConfig,
@@ -184,15 +186,18 @@ def test_bad_inputs():
 
 
 def test_unsupported_models_fail_before_work():
+    """Refusals by capability (every refused family: tests/test_architectures.py); OPT and a binding sliding window,
+    once refused by name, are served."""
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1))
+    with pytest.raises(ValueError, match="'mamba'"):
+        fastbon.generate(mamba, torch.tensor([[1, 2]]))
     opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
                                    num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16))
-    with pytest.raises(ValueError, match="'opt'"):
-        fastbon.generate(opt, torch.tensor([[1, 2]]))
     windowed = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=32,
                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                                 sliding_window=8))
-    with pytest.raises(ValueError, match="sliding window"):
-        fastbon.generate(windowed, torch.tensor([[1, 2, 3]]), max_new_tokens=10)
+    for served in (opt, windowed):
+        assert fastbon.generate(served, torch.tensor([[1, 2, 3]]), max_new_tokens=10).sequences.shape == (1, 1, 10)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(TypeError, match="model"):
         fastbon.generate(object(), torch.tensor([[1, 2]]))

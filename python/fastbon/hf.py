@@ -11,30 +11,56 @@ import functools
 import inspect
 import threading
 
+import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import capabilities
+from .ops.attention import attention_features
+
 CACHE_KWARG = "shared_prefix_cache"
 EAGER = "eager"  # not in transformers' registry: each modeling file has its own eager_attention_forward
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 
 
-def shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+def shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                                    s_aux=None, **kwargs):
     """AttentionInterface function for decode steps: query [N, Hq, 1, D] -> ([N, 1, Hq, D], None).
 
     ``key``/``value`` are the suffix buffers the cache returned; the prefix and the lengths come from the
-    ``SharedPrefixCache`` passed down the forward as the keyword ``shared_prefix_cache``.
+    ``SharedPrefixCache`` passed down the forward as the keyword ``shared_prefix_cache``. The layer's sliding
+    window comes from the model's config (``capabilities.layer_window``: the mask transformers would build, which
+    ``attention_mask`` stands for and fastbon does not build), the soft-cap and sinks from the keywords the model
+    passes (``softcap=``, ``s_aux=``) or its module's ``sinks``; decoding runs without dropout, as under eval().
     """
     cache = kwargs[CACHE_KWARG]
     if query.shape[2] != 1:
         raise RuntimeError("the fastbon attention runs only decode steps of fastbon.generate (one token per sample)")
     layer = cache.layers[module.layer_idx]
-    cache.attention_calls += 1
+    if not torch.compiler.is_compiling():  # counted on the eager first step, where the routing is checked
+        cache.attention_calls += 1
+    features = layer.attention_features
+    if features is None:
+        if key is not layer.suffix_keys:
+            raise RuntimeError(f"{type(module).__name__} changed the keys between the cache update and attention; "
+                               "fastbon's decode attention reads the cache's own keys and cannot serve it")
+        features = layer.attention_features = _layer_features(module, layer, query, softcap, s_aux)
     # The backend was chosen and the metadata checked once per generate call: no per-layer validation here.
     out = cache.attention(query[:, :, 0].contiguous(), layer.prefix_keys, layer.prefix_values, cache.prefix_lens,
                           layer.suffix_keys, layer.suffix_values, cache.suffix_lens, cache.sample_to_prompt,
-                          scaling if scaling is not None else query.shape[-1] ** -0.5)
+                          scaling if scaling is not None else query.shape[-1] ** -0.5, *features)
     return out[:, None], None
+
+
+def _layer_features(module, layer, query, softcap, sinks):
+    """(window, softcap, sinks) of one cache layer in the op's form; a window no query of the cache can reach
+    (the prefix and suffix buffers hold fewer keys) is dropped, so it costs nothing."""
+    window = capabilities.layer_window(module)
+    # The suffix buffers grow (SharedPrefixCache.reserve): the most keys a query can see is prefix + max_new_tokens.
+    if window is not None and window >= layer.prefix_keys.shape[2] + layer.owner.max_new_tokens:
+        window = None
+    if sinks is None:
+        sinks = getattr(module, "sinks", None)
+    return attention_features(window, softcap or None, sinks, query.shape[1], query.dtype, query.device)
 
 
 def _module_eager_attention(module):
@@ -94,24 +120,13 @@ def cache_argument(model) -> str:
 
 
 def check_model(model, max_total_length: int) -> None:
-    """Raise a clear error, before any work, for a model this path cannot serve exactly."""
+    """Raise one clear error, before any work, for a model this path cannot serve exactly (what is served:
+    ``fastbon.capabilities``)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "forward"):
         raise TypeError(f"model must be a Hugging Face causal LM (a PreTrainedModel), got {type(model).__name__}")
     model_type = getattr(config, "model_type", type(model).__name__)
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"model type {model_type!r} is encoder-decoder; fastbon serves decoder-only models")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        supported = ", ".join(SUPPORTED_MODEL_TYPES)
-        raise ValueError(f"model type {model_type!r} is not supported; fastbon serves {supported}")
-    if getattr(config, "attn_logit_softcapping", None):
-        raise ValueError(f"model type {model_type!r} uses attention logit soft-capping, which fastbon does not serve")
-    window = getattr(config, "sliding_window", None)
-    uses_window = getattr(config, "use_sliding_window", True) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or ())
-    if window is not None and uses_window and max_total_length > window:
-        raise ValueError(f"model type {model_type!r} uses a sliding window of {window} tokens and prompt + "
-                         f"max_new_tokens reaches {max_total_length}; fastbon serves full attention only")
+    capabilities.model_needs(model)
     learned_positions = getattr(config, "n_positions", None)  # GPT-2's position table has no entry past it
     if learned_positions is not None and max_total_length > learned_positions:
         raise ValueError(f"model type {model_type!r} has {learned_positions} learned positions and prompt + "
