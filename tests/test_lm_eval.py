@@ -96,3 +96,4 @@ def test_unsupported_generation_kwargs_are_refused(setup):
         _evaluate("fastbon", "addition_beams", task_manager, pretrained=str(directory / "model"), device="cpu")
     with pytest.raises(TypeError, match="fastbon_seed"):
         FastbonLM(pretrained=str(directory / "model"), device="cpu", fastbon_seed="x")
+

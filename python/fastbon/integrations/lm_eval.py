@@ -1,11 +1,13 @@
 """The lm-evaluation-harness model ``fastbon``: HF's model class, with ``generate_until`` drawn by fastbon.
 
-``import fastbon.integrations.lm_eval`` registers it; then ``lm_eval --model fastbon --model_args pretrained=DIR``
-(or ``simple_evaluate(model="fastbon", ...)``) runs a task as with ``--model hf``. lm-eval clones every request
-``repeats`` times (self-consistency tasks use 64) and HF's class generates each clone on its own; here the
-identical requests of one document (same context, same generation kwargs) become one fastbon call with
-n = their count, so the document is prefilled once and its KV cache shared by all its samples. Greedy requests
-are drawn once and repeated (they are the same sequence).
+``import fastbon.integrations.lm_eval`` registers it; then ``simple_evaluate(model="fastbon", model_args=...)`` runs a
+task as ``model="hf"`` does. lm-eval's command line, with the model registered first:
+``python -m fastbon.integrations.lm_eval run --model fastbon --model_args pretrained=DIR --tasks ...``.
+
+lm-eval clones every request ``repeats`` times (self-consistency tasks use 64) and HF's class generates each clone
+on its own; here the identical requests of one document (same context, same generation kwargs) become one fastbon
+call with n = their count, so the document is prefilled once and its KV cache shared by all its samples. Greedy
+requests are drawn once and repeated (they are the same sequence).
 
 What is honoured exactly as HF's class does it: ``until`` (stop strings, matched across token boundaries; the text
 is cut at the first one as HF's class cuts it), ``max_gen_toks`` and its aliases, the context's tokenization and
@@ -123,3 +125,9 @@ class FastbonLM(HFLM):
                      for sample in range(settings["n"])]
             texts.append(drawn * count if greedy else drawn)
         return texts
+
+
+if __name__ == "__main__":  # python -m fastbon.integrations.lm_eval run --model fastbon ...: lm-eval CLI, registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
