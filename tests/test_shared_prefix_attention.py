@@ -289,3 +289,22 @@ def test_bad_feature_inputs():
                                ("sinks", torch.zeros(1, 4), ValueError), ("sinks", [0.0] * 4, TypeError)]:
         with pytest.raises(error, match=name):
             shared_prefix_attention(q, *args, **{name: value})
+
+
+def test_window_skips_prefix_chunks(feature_backend):
+    """The kernels never read prefix keys before every row's window (whole CPU chunks of 256 keys, whole Triton key
+    blocks): NaN there cannot reach the output. (The torch reference masks them instead.)"""
+    backend, device = feature_backend
+    if backend == "torch":
+        pytest.skip("the torch reference masks the keys before the window, it does not skip them")
+    q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt = _feature_inputs(
+        (2, 3, 4, 2, 16, 1025, 5), torch.float32, device, seed=21, varied_suffix=False)
+    prefix_lens = torch.full_like(prefix_lens, 1025)
+    window = 300  # every query sees prefix keys from 1025 + 5 - 300 = 730 on: keys [0, 512) lie in no window
+    clean = [t.nan_to_num(0.5) for t in (prefix_k, prefix_v)]
+    args = [clean[0], clean[1], prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt]
+    expected = expanded_features(q.cpu(), *[a.cpu() for a in args], 0.25, window=window)
+    for tensor in clean:
+        tensor[:, :, :512] = float("nan")
+    out = shared_prefix_attention(q, *args, scale=0.25, window=window, backend=backend).cpu()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

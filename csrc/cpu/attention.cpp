@@ -77,19 +77,6 @@ FASTBON_INLINE void gemm(int64_t rows, int64_t columns, int64_t depth, const Acc
 }
 
 // Few rows (a sample's suffix): per row, dot products with each key, softmax, then a weighted sum of values.
-// scores[0, count) = softcap · tanh(scores / softcap) (Gemma 2's attention logit soft-capping).
-template <typename Acc>
-FASTBON_INLINE void soft_cap(Acc* scores, int64_t count, Acc softcap) {
-  for (int64_t index = 0; index < count; ++index) scores[index] = softcap * std::tanh(scores[index] / softcap);
-}
-
-// A row that sees no key of its item: zero weight in the merge.
-template <typename In, typename Acc>
-FASTBON_INLINE void write_empty_row(const Segment<In, Acc>& segment, int64_t r, int64_t head_dim) {
-  std::fill(segment.out + r * segment.out_stride, segment.out + r * segment.out_stride + head_dim, Acc(0));
-  segment.lse[r * segment.lse_stride] = -std::numeric_limits<Acc>::infinity();
-}
-
 template <typename In, typename Acc>
 FASTBON_INLINE void attend_rows(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap, Acc* scratch) {
   Acc* scores = scratch;  // [rows, length]

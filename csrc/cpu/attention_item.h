@@ -2,7 +2,10 @@
 // runs the items; attention_amx.cpp runs bfloat16 items on AMX tiles.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "kernel_utils.h"
 
@@ -37,6 +40,19 @@ FASTBON_INLINE int64_t first_visible_key(const Segment<In, Acc>& segment, int64_
   if (segment.starts == nullptr) return 0;
   const int64_t first = segment.starts[r] - segment.first_key;
   return first < 0 ? 0 : first > segment.length ? segment.length : first;
+}
+
+// scores[0, count) = softcap · tanh(scores / softcap) (Gemma 2's attention logit soft-capping).
+template <typename Acc>
+FASTBON_INLINE void soft_cap(Acc* scores, int64_t count, Acc softcap) {
+  for (int64_t index = 0; index < count; ++index) scores[index] = softcap * std::tanh(scores[index] / softcap);
+}
+
+// A row that sees no key of its item: zero weight in the merge.
+template <typename In, typename Acc>
+FASTBON_INLINE void write_empty_row(const Segment<In, Acc>& segment, int64_t r, int64_t head_dim) {
+  std::fill(segment.out + r * segment.out_stride, segment.out + r * segment.out_stride + head_dim, Acc(0));
+  segment.lse[r * segment.lse_stride] = -std::numeric_limits<Acc>::infinity();
 }
 
 template <typename Acc>
