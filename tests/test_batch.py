@@ -2,7 +2,6 @@
 per-prompt seeds, resume after a SIGKILL without recomputing, refusals before any work, and the output options."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -256,5 +255,18 @@ def test_prompt_seeds_are_stable_and_parts_atomic(tmp_path):
     assert list(tmp_path.iterdir()) == [], "neither the part nor its temporary file remains"
     (tmp_path / f"{batch_io.TEMPORARY_PREFIX}left-by-a-kill").write_bytes(b"x")
     batch_io.prepare_output(tmp_path, {"n": 1})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [batch_io.MANIFEST], "a killed run's leftovers go"
-    assert os.access(tmp_path / batch_io.MANIFEST, os.R_OK)
+    with batch_io.exclusive(tmp_path):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [batch_io.LOCK, batch_io.MANIFEST], "leftovers go"
+        with pytest.raises(ValueError, match="another fastbon batch job is writing"):
+            with batch_io.exclusive(tmp_path):
+                pass
+    with batch_io.exclusive(tmp_path):  # released with the job
+        pass
+
+
+def test_a_second_job_on_a_busy_folder_is_refused(tmp_path):
+    path = write_prompts(tmp_path / "in.jsonl", ["1+2="])
+    batch.run(path, tmp_path / "out", n=2, max_new_tokens=2, progress=False)
+    with batch_io.exclusive(tmp_path / "out"):
+        with pytest.raises(ValueError, match="another fastbon batch job"):
+            batch.run(path, tmp_path / "out", n=2, max_new_tokens=2, progress=False)

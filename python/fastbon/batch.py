@@ -330,11 +330,12 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
         config = replace(config, dtype=dtype or ("bfloat16" if device.type == "cuda" else "float32"))
         table = batch_io.read_input(input)
         job = _Job(config, table, output, batch_prompts, progress)
-        generator = PromptGenerator(config, device) if job.groups else None
-        prompts = table[job.prompt_column].to_pylist()
-        for group in job.groups:
-            counts = run_group(generator, output, [job.ids[p] for p in group], [prompts[p] for p in group], jsonl)
-            job.meter.update(**counts)
+        with batch_io.exclusive(output):
+            generator = PromptGenerator(config, device) if job.groups else None
+            prompts = table[job.prompt_column].to_pylist()
+            for group in job.groups:
+                ids = [job.ids[position] for position in group]
+                job.meter.update(**run_group(generator, output, ids, [prompts[p] for p in group], jsonl))
         return job.meter.summary()
     from . import batch_ray
 
@@ -343,8 +344,9 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
         on_gpu = batch_ray.cluster_has_gpus()
         config = replace(config, dtype=dtype or ("bfloat16" if on_gpu else "float32"))
         job = _Job(config, batch_ray.read_input(input), output, batch_prompts, progress)
-        batch_ray.run_on_ray(config, job.table, job.groups, output, job.meter, workers=workers,
-                             threads_per_worker=threads_per_worker, on_gpu=on_gpu)
+        with batch_io.exclusive(output):
+            batch_ray.run_on_ray(config, job.table, job.groups, output, job.meter, workers=workers,
+                                 threads_per_worker=threads_per_worker, on_gpu=on_gpu)
         return job.meter.summary()
     finally:
         if started:

@@ -8,6 +8,7 @@ starting with ``_`` or ``.`` are what Arrow's data-set readers skip, so ``pyarro
 ``ray.data.read_parquet``) read the parts alone. Needs ``pyarrow`` (``pip install fastbon[ray]``).
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 MANIFEST = "_manifest.json"
 PART_PREFIX = "part-"
 TEMPORARY_PREFIX = ".tmp-"
+LOCK = ".lock"
 JSONL_FOLDER = "_jsonl"  # skipped by Arrow's discovery like the manifest, so the folder reads as Parquet
 FORMAT_VERSION = 1
 
@@ -185,16 +187,36 @@ def check_manifest(folder, manifest: dict) -> None:
 
 
 def prepare_output(folder, manifest: dict) -> None:
-    """Create the output folder and its manifest (after ``check_manifest``); remove temporary files a killed run
-    left behind."""
+    """Create the output folder and its manifest (after ``check_manifest``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in [*folder.glob(f"{TEMPORARY_PREFIX}*"), *folder.glob(f"{JSONL_FOLDER}/{TEMPORARY_PREFIX}*")]:
-        leftover.unlink()
     path = folder / MANIFEST
     if not path.exists():
         text = json.dumps({"format": FORMAT_VERSION, **manifest}, indent=2, sort_keys=True).encode()
         write_atomically(path, lambda handle: handle.write(text))
+
+
+@contextlib.contextmanager
+def exclusive(folder):
+    """Hold the output folder for one job: a second job on it is refused (it would delete the first one's
+    temporary files, and with other groups could write a prompt twice). An advisory ``flock``, which the kernel
+    drops when its process dies, so a killed job leaves nothing to clean up. Then the temporary files a killed
+    job left behind are removed."""
+    import fcntl
+
+    folder = Path(folder)
+    handle = open(folder / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ValueError(f"output: another fastbon batch job is writing to {folder}") from None
+    try:
+        for leftover in [*folder.glob(f"{TEMPORARY_PREFIX}*"), *folder.glob(f"{JSONL_FOLDER}/{TEMPORARY_PREFIX}*")]:
+            leftover.unlink()
+        yield
+    finally:
+        handle.close()
 
 
 def fingerprint_folder(folder) -> str:
