@@ -16,6 +16,7 @@ restarted and its call rerun: ``max_restarts`` / ``max_task_retries`` below) and
 """
 
 import contextlib
+from pathlib import Path
 
 from . import batch_io
 
@@ -117,7 +118,7 @@ def run_on_ray(config, table, groups: list, output, meter, *, workers: int, thre
     try:
         counts = ray.data.from_arrow(blocks).map_batches(
             GroupWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-            fn_constructor_kwargs=dict(config=config_dict, output=str(output), on_gpu=on_gpu,
+            fn_constructor_kwargs=dict(config=config_dict, output=str(Path(output).resolve()), on_gpu=on_gpu,
                                        threads=threads_per_worker), **resources)
         for row in counts.iter_rows():
             meter.update(**row)
