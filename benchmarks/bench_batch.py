@@ -6,8 +6,8 @@ path's overhead over the ``fastbon.generate`` calls it makes (the same groups, s
     pytest benchmarks/bench_batch.py          # a seconds-long smoke run of the overhead comparison (CI)
 
 Prompts/s counts the whole ``fastbon.batch.run`` call (reading, planning, actor start-up with its model load,
-writing parts); "steady" counts the parts written after each worker's first one, between the first and the last
-part's write, which leaves the fixed start-up out; prompts per worker CPU-second divides by the CPU time the
+writing parts); "steady" counts the second half of the parts, by their write times, which leaves the fixed start-up
+out; prompts per worker CPU-second divides by the CPU time the
 workers spent on their groups, which a shared machine's other load disturbs least. Writes benchmarks/out/batch.csv.
 """
 
@@ -70,12 +70,13 @@ def local_overhead(path, job, repeats: int, folder: Path) -> dict:
     return result
 
 
-def steady_prompts_per_s(folder: Path, workers: int) -> float:
-    """Prompts per second between the first and the last part written, leaving each worker's first part out."""
+def steady_prompts_per_s(folder: Path) -> float:
+    """Prompts per second over the second half of the parts, by their write times: every actor is up by then
+    (a slow machine can take tens of seconds to start one), so the fixed start-up is left out."""
     parts = sorted(batch_io.part_paths(folder), key=lambda part: part.stat().st_mtime)
-    times = [part.stat().st_mtime for part in parts]
-    later = [batch_io.pyarrow_modules()[3].read_metadata(part).num_rows for part in parts[workers:]]
-    return sum(later) / max(times[-1] - times[workers - 1], 1e-9)
+    half = len(parts) // 2
+    rows = sum(batch_io.pyarrow_modules()[3].read_metadata(part).num_rows for part in parts[half + 1:])
+    return rows / max(parts[-1].stat().st_mtime - parts[half].stat().st_mtime, 1e-9)
 
 
 def ray_scaling(path, job, folder: Path, prompts: int) -> list:
@@ -90,7 +91,7 @@ def ray_scaling(path, job, folder: Path, prompts: int) -> list:
             summary = batch.run(path, out, ray=True, workers=workers, threads_per_worker=1, progress=False, seed=0,
                                 **job)
             wall = time.perf_counter() - start
-            steady = steady_prompts_per_s(out, workers) / job["k"]
+            steady = steady_prompts_per_s(out) / job["k"]
             rows.append(dict(workers=workers, seconds=wall, load_average=os.getloadavg()[0],
                              prompts_per_s=prompts / wall, steady_prompts_per_s=steady, tokens=summary["tokens"],
                              prompts_per_worker_cpu_s=prompts / summary["worker_cpu_seconds"]))
