@@ -10,7 +10,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["FASTBON_POISON_OUTPUTS"] = "1"
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 from fastbon import dispatch  # noqa: E402  (after the environment above)
+
+# Property tests (tests/test_fuzz.py): "ci" (the default) is a fixed, derandomised set of examples that keeps CI
+# short; "release" draws 25 times as many fresh examples (README, "Release fuzzing").
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=_FUZZ_HEALTH, print_blob=True)
+settings.register_profile("release", max_examples=1000, deadline=None, suppress_health_check=_FUZZ_HEALTH,
+                          print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The backend name under which the CUDA kernels' source runs on CPU tensors, compiled against the CUDA emulator.
 EMULATED_CUDA = "cuda-emulated"
@@ -18,6 +29,15 @@ EMULATED_CUDA = "cuda-emulated"
 BACKEND_CASES = [pytest.param((backend, device), id=f"{backend}-{device}")
                  for device in ("cpu", "cuda") for backend in dispatch.BACKENDS]
 BACKEND_CASES.append(pytest.param((EMULATED_CUDA, "cpu"), id=EMULATED_CUDA))
+
+
+# The share of the profile's examples each backend runs: the Triton interpreter and the CUDA emulator are slow.
+_FUZZ_SHARE = {"triton": 0.25, EMULATED_CUDA: 0.3}
+
+
+def fuzz_examples(backend: str) -> int:
+    """How many hypothesis examples a property test runs on ``backend`` under the loaded profile."""
+    return max(1, round(settings().max_examples * _FUZZ_SHARE.get(backend, 1.0)))
 
 
 @pytest.fixture(scope="session")

@@ -1,37 +1,13 @@
-"""sample: raw log-probs vs float64 log-softmax, filtered sets and frequencies vs an independent computation,
-reproducibility per (seed, step), and agreement with the reference draw for the same Philox uniform."""
+"""sample: raw log-probs vs float64 log-softmax, reproducibility per (seed, step), and agreement with the float64
+reference draw for the same Philox uniform up to explained rounding (frequencies: test_sampler_statistics.py)."""
 
-import math
 
 import pytest
+import sampling_oracle
 import torch
 
-from fastbon.ops import reference, sample
+from fastbon.ops import sample
 from fastbon.ops.philox import philox_uniform
-
-
-def _expected_distribution(logits_row, temperature, top_k, top_p, min_p):
-    """Sampling probabilities of one row, computed in float64 by plain Python ranking (independent of the ops)."""
-    logits = logits_row.double().tolist()
-    vocab = len(logits)
-    largest = max(logits)
-    weights = [math.exp((x - largest) / temperature) if x != -math.inf else 0.0 for x in logits]
-    order = sorted(range(vocab), key=lambda j: -weights[j])
-    threshold = 0.0
-    if 0 < top_k < vocab:
-        threshold = weights[order[top_k - 1]]
-    if top_p < 1:
-        mass = sum(w for w in weights if w >= threshold)
-        running = 0.0
-        for j in order:
-            running += weights[j] if weights[j] >= threshold else 0.0
-            if running >= top_p * mass:
-                threshold = max(threshold, weights[j])
-                break
-    threshold = max(threshold, min_p)
-    kept = [w if (w >= threshold and w > 0) else 0.0 for w in weights]
-    total = sum(kept)
-    return torch.tensor([w / total for w in kept], dtype=torch.float64)
 
 
 def _logits(rows, vocab, seed, dtype=torch.float32, device="cpu"):
@@ -41,55 +17,41 @@ def _logits(rows, vocab, seed, dtype=torch.float32, device="cpu"):
     return logits.to(device=device, dtype=dtype)
 
 
-PARAMS = [  # temperature, top_k, top_p, min_p
-    (1.0, 0, 1.0, 0.0),
-    (0.7, 0, 0.9, 0.0),
-    (1.3, 5, 1.0, 0.0),
-    (1.0, 20, 0.8, 0.05),
-    (0.5, 0, 1.0, 0.1),
-]
-
-
-@pytest.mark.parametrize("params", PARAMS, ids=str)
-def test_frequencies_match_probabilities(backend_device, params):
-    backend, device = backend_device
-    temperature, top_k, top_p, min_p = params
-    logits = _logits(1, 111, seed=3, device=device)
-    draws = 4000
-    tokens, logprobs = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              seed=torch.arange(draws, device=device), step=7,
-                              row_index=torch.zeros(draws, dtype=torch.int64, device=device), backend=backend)
-    expected = _expected_distribution(logits[0].cpu(), temperature, top_k, top_p, min_p)
-    counts = torch.bincount(tokens.cpu(), minlength=111).double()
-    assert counts[expected == 0].sum() == 0, "a filtered-out token was drawn"
-    frequency = counts / draws
-    bound = 5 * torch.sqrt(expected * (1 - expected) / draws) + 2e-3
-    assert torch.all((frequency - expected).abs() <= bound)
-    raw = torch.log_softmax(logits[0].double().cpu(), -1)
-    torch.testing.assert_close(logprobs.cpu().double(), raw[tokens.cpu()], rtol=1e-5, atol=1e-5)
+# The Triton interpreter's cost grows with rows x vocabulary, and the torch backend sorts every row: fewer rows there.
+RANDOM_ROWS = {"triton": 6, "torch": 10}
 
 
 @pytest.mark.parametrize("vocab", [111, 32000, 128256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_agrees_with_reference(backend_device, vocab, dtype):
-    """Same (seed, step) -> the same Philox uniform -> the same token as the float64 reference, except where the
-    uniform lands within rounding of a CDF boundary (allowed for at most one row in the batch)."""
+    """Same (seed, step) -> the same Philox uniform -> the same token as the float64 reference, except where float32
+    rounding explains the difference: the uniform within rounding of a CDF boundary, or a token within rounding of a
+    threshold (sampling_oracle.check_tokens checks each differing row)."""
     backend, device = backend_device
-    rows = 6
     logits = _logits(3, vocab, seed=vocab, dtype=dtype, device=device)
-    row_index = torch.tensor([0, 0, 1, 2, 2, 1], device=device)
-    temperature = torch.tensor([1.0, 0.0, 0.8, 1.2, 0.6, 1.0], device=device)
-    top_k = torch.tensor([0, 0, 50, 0, 1, 3], dtype=torch.int32, device=device)
-    top_p = torch.tensor([0.95, 1.0, 0.9, 1.0, 1.0, 0.5], device=device)
-    min_p = torch.tensor([0.0, 0.0, 0.0, 0.02, 0.0, 0.0], device=device)
+    # Six chosen rows (greedy, top-k 1, each filter), then random parameters: mismatches, when any, get checked.
+    generator = torch.Generator().manual_seed(vocab)
+    random_rows = RANDOM_ROWS.get(backend, 42)
+    row_index = torch.cat([torch.tensor([0, 0, 1, 2, 2, 1]), torch.randint(0, 3, (random_rows,), generator=generator)])
+    temperature = torch.cat([torch.tensor([1.0, 0.0, 0.8, 1.2, 0.6, 1.0]),
+                             torch.rand(random_rows, generator=generator) * 1.5 + 0.1])
+    top_k = torch.cat([torch.tensor([0, 0, 50, 0, 1, 3]),
+                       torch.randint(0, 2, (random_rows,), generator=generator) * torch.randint(
+                           1, 200, (random_rows,), generator=generator)]).int()
+    top_p = torch.cat([torch.tensor([0.95, 1.0, 0.9, 1.0, 1.0, 0.5]),
+                       torch.rand(random_rows, generator=generator).clamp(min=0.05)])
+    min_p = torch.cat([torch.tensor([0.0, 0.0, 0.0, 0.02, 0.0, 0.0]),
+                       torch.rand(random_rows, generator=generator) * 0.1])
+    rows = row_index.shape[0]
+    row_index, temperature, top_k, top_p, min_p = (t.to(device) for t in (row_index, temperature, top_k, top_p, min_p))
     seed = torch.arange(rows, device=device) * 7919 + 11
     args = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, step=3,
                 row_index=row_index)
     tokens, logprobs = sample(logits, **args, backend=backend)
     assert tokens.dtype == torch.int64 and logprobs.dtype == torch.float32 and tokens.shape == (rows,)
-    expected_tokens, _ = reference.sample(logits.double().cpu(), row_index.cpu(), temperature.cpu(), top_k.cpu(),
-                                          top_p.cpu(), min_p.cpu(), seed.cpu(), torch.full((rows,), 3))
-    assert (tokens.cpu() != expected_tokens).sum() <= 1
+    problems = sampling_oracle.check_tokens(logits, row_index, temperature, top_k, top_p, min_p, seed,
+                                            torch.full((rows,), 3), tokens)
+    assert not problems, "\n".join(problems)
     assert tokens[1].item() == logits[0].float().argmax().item(), "temperature 0 is greedy"
     assert tokens[4].item() == logits[2].float().argmax().item(), "top_k 1 is greedy"
     raw = torch.log_softmax(logits.double().cpu(), -1)[row_index.cpu(), tokens.cpu()]
