@@ -108,8 +108,8 @@ def test_grpo_trains_on_fastbon_rollouts(policy, tmp_path):
     assert any(not torch.equal(before[name], value) for name, value in model.named_parameters()), "weights moved"
 
 
-class FastbonRLOOTrainer(FastbonGeneration, trl.RLOOTrainer):
-    """RLOO drawing its samples with fastbon; each rollout is checked as it happens."""
+class _Checked(FastbonGeneration):
+    """FastbonGeneration whose every rollout is checked as it happens."""
 
     check = None
 
@@ -118,14 +118,24 @@ class FastbonRLOOTrainer(FastbonGeneration, trl.RLOOTrainer):
         return self.check.around(self, lambda: (prompt_ids, *parent(prompt_ids)))[1:]
 
 
-def test_rloo_trains_through_the_mixin(policy, tmp_path):
+class FastbonRLOOTrainer(_Checked, trl.RLOOTrainer):
+    pass
+
+
+class FastbonGRPOTrainer(_Checked, trl.GRPOTrainer):
+    pass
+
+
+@pytest.mark.parametrize("trainer_class, config_class", [(FastbonRLOOTrainer, trl.RLOOConfig),
+                                                         (FastbonGRPOTrainer, trl.GRPOConfig)], ids=["rloo", "grpo"])
+def test_trains_through_the_mixin(policy, tmp_path, trainer_class, config_class):
     model, tokenizer = policy
-    FastbonRLOOTrainer.check = RolloutCheck()
-    trainer = FastbonRLOOTrainer(model=model, reward_funcs=correct_answer, args=_config(trl.RLOOConfig, tmp_path),
-                                 train_dataset=_dataset(), processing_class=tokenizer)
+    trainer_class.check = RolloutCheck()
+    trainer = trainer_class(model=model, reward_funcs=correct_answer, args=_config(config_class, tmp_path),
+                            train_dataset=_dataset(), processing_class=tokenizer)
     trainer.train()
     assert trainer.state.global_step == 2
-    FastbonRLOOTrainer.check.verify(steps=2, tokenizer=tokenizer)
+    trainer_class.check.verify(steps=2, tokenizer=tokenizer)
 
 
 def test_partial_groups_get_their_own_size(policy, tmp_path):
