@@ -268,11 +268,9 @@ def test_cuda_kernels_decline_features(emulated_cuda_backend, monkeypatch):
     """The CUDA kernels implement no window / soft-cap / sinks: a call with one runs on the Triton kernels (the
     emulated CUDA kernel is never called) and is right; a call without them still runs the CUDA kernel."""
     calls = []
-    original = emulated_cuda_backend.shared_prefix_attention
-    monkeypatch.setattr(emulated_cuda_backend, "shared_prefix_attention", lambda *args: calls.append(1) or original(
-        *args))
-    monkeypatch.setitem(dispatch._REGISTERED[EMULATED_CUDA].implementations, "shared_prefix_attention",
-                        emulated_cuda_backend.shared_prefix_attention)
+    kernel = emulated_cuda_backend.library.fastbon_emulated_shared_prefix_attention
+    monkeypatch.setattr(emulated_cuda_backend.library, "fastbon_emulated_shared_prefix_attention",
+                        lambda *args: calls.append(1) or kernel(*args))
     _check_features(EMULATED_CUDA, "cpu", FEATURE_SHAPES[1], torch.float32, seed=8, window=5, softcap=2.0)
     assert not calls
     q, *args = _feature_inputs(FEATURE_SHAPES[1], torch.float32, "cpu", 8, True)
@@ -286,7 +284,8 @@ def test_bad_feature_inputs():
                                ("softcap", 0.0, ValueError), ("softcap", float("inf"), ValueError),
                                ("sinks", torch.zeros(3), ValueError), ("sinks", torch.zeros(4, dtype=torch.int32),
                                                                        TypeError),
-                               ("sinks", torch.zeros(1, 4), ValueError), ("sinks", [0.0] * 4, TypeError)]:
+                               ("sinks", torch.zeros(1, 4), ValueError), ("sinks", [0.0] * 4, TypeError),
+                               ("sinks", torch.tensor([0.0, float("nan"), 0.0, 0.0]), ValueError)]:
         with pytest.raises(error, match=name):
             shared_prefix_attention(q, *args, **{name: value})
 

@@ -85,6 +85,8 @@ def attention_features(window, softcap, sinks, num_q_heads: int, dtype: torch.dt
     if sinks is not None:
         _checks.tensor("sinks", sinks, ndim=1, dtypes=_checks.FLOAT_DTYPES, device=device)
         _checks.shape("sinks", sinks, (num_q_heads,))
+        if not torch.isfinite(sinks).all():
+            raise ValueError("sinks must be finite")
         sinks = sinks.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).contiguous()
     return window, softcap, sinks
 
