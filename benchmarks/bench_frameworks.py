@@ -160,8 +160,11 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=2, help="GRPO rounds (each lm-eval side runs once)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = llama_model(hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2, vocab=args.vocab,
                         intermediate=args.hidden * 8 // 3)
