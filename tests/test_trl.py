@@ -171,3 +171,18 @@ def test_bad_rollout_inputs(policy, tmp_path):
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         trainer.args.generation_kwargs = {"no_repeat_ngram_size": 2}
         rollout(["1+1="] * 4, trainer)
+
+
+def test_chat_prompts_go_through_the_chat_template(policy, tmp_path):
+    """Conversational prompts are rendered with the processing class's chat template (generation prompt added)."""
+    model, tokenizer = policy
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=correct_answer, args=_config(trl.GRPOConfig, tmp_path),
+                              train_dataset=datasets.Dataset.from_dict({"prompt": [[{"role": "user",
+                                                                                      "content": "12+3="}]]}),
+                              processing_class=tokenizer)
+    messages = [[{"role": "user", "content": "12+3="}]] * 4 + [[{"role": "user", "content": "7+85="}]] * 4
+    out = rollout_func()(messages, trainer)
+    assert out["prompt_ids"][0] == tokenizer("12+3=", add_special_tokens=False)["input_ids"]
+    assert out["prompt_ids"][4] == tokenizer("7+85=", add_special_tokens=False)["input_ids"]
+    assert len(out["completion_ids"]) == 8
