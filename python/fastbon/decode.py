@@ -116,7 +116,7 @@ class _Run:
         sample_to_prompt = sample_ids // settings.n
         self.cache = SharedPrefixCache(prefix_keys, prefix_values, prefix_lens, sample_to_prompt,
                                        settings.max_new_tokens, settings.backend)
-        self.sample = sample_implementation(self.device, settings.backend)
+        self.sample = sample_implementation(self.device, settings.backend, self.logits.dtype)
         self.row_index = sample_to_prompt  # step 0 samples every sample of a prompt from the prompt's row
         seen = None
         if settings.repetition_penalty != 1.0:
