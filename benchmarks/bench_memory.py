@@ -68,12 +68,13 @@ def _in_subprocess(**arguments):
 
 
 def follow(shape, n=32, prompt_len=64, long=100_000, short=2_000, eos_rate=1 / 300):
-    runs = {tokens: _in_subprocess(kind="follow", shape=shape, max_new_tokens=tokens, n=n, prompt_len=prompt_len,
-                                   eos_rate=eos_rate) for tokens in (short, long)}
-    for tokens, run in runs.items():
+    runs = {}
+    for tokens in (short, long):
+        run = runs[tokens] = _in_subprocess(kind="follow", shape=shape, max_new_tokens=tokens, n=n,
+                                            prompt_len=prompt_len, eos_rate=eos_rate)
         print(f"max_new_tokens={tokens}: {run['seconds']:.2f} s, {run['generated']} tokens (mean {run['mean']:.0f}, "
               f"longest {run['longest']}), peak RSS growth {run['peak_mb']:.1f} MB, KV of the generated tokens "
-              f"{run['generated_kv_mb']:.1f} MB, {run['ms_per_token']:.3f} ms per generated token")
+              f"{run['generated_kv_mb']:.1f} MB, {run['ms_per_token']:.3f} ms per generated token", flush=True)
     big = runs[long]
     print(f"peak RSS growth / (2 x generated KV + 256 MB) = {big['peak_mb'] / (2 * big['generated_kv_mb'] + 256):.2f}"
           f" (target <= 1); time per token {long} / {short}: {big['ms_per_token'] / runs[short]['ms_per_token']:.2f}x "
@@ -94,9 +95,10 @@ def budget(shape, n=1024, prompt_len=2048, new_tokens=64, max_memory="512MiB"):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["follow", "budget"])
+    parser.add_argument("--eos-rate", type=float, default=1 / 300, help="follow: EOS draws per step (about)")
     args = parser.parse_args(argv)
     if args.what == "follow":
-        follow(FOLLOW_SHAPE)
+        follow(FOLLOW_SHAPE, eos_rate=args.eos_rate)
     else:
         budget(FOLLOW_SHAPE)
     return 0
