@@ -114,15 +114,17 @@ class SharedPrefixCache(Cache):
         self.suffix_lens = torch.full((self.num_samples,), self.suffix_length + 1, dtype=torch.int32,
                                       device=self.sample_to_prompt.device)
 
-    def reserve(self) -> None:
-        """Room for the next step's key: doubles the suffix capacity (capped at ``max_new_tokens``) when full."""
+    def reserve(self) -> bool:
+        """Room for the next step's key: doubles the suffix capacity (capped at ``max_new_tokens``) when full.
+        Returns whether it grew (the only time the suffix bytes rise)."""
         if self.suffix_length < self.suffix_capacity:
-            return
+            return False
         if self.suffix_length >= self.max_new_tokens:
             raise RuntimeError(f"the cache holds max_new_tokens={self.max_new_tokens} positions already")
         self.suffix_capacity = min(2 * self.suffix_capacity, self.max_new_tokens)
         for layer in self.layers:
             layer.resize_suffix(None, self.suffix_length, self.suffix_capacity)
+        return True
 
     def advance(self) -> None:
         """One decode step has been written into every layer."""

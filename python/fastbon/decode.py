@@ -137,7 +137,7 @@ class _Run:
         self.candidates = torch.arange(num_samples, device=self.device)  # samples not pruned: what pruning ranks
         self.eos = torch.tensor(settings.eos_ids, dtype=torch.int64, device=self.device)
         self.steps = self.checked_steps = self.tokens_generated = 0
-        self.peak_suffix_bytes = 0
+        self.peak_suffix_bytes = self.cache.nbytes()[1]  # rises only when reserve() grows the buffers
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
         self.cache_argument = hf.cache_argument(model)
         self.compiled = compiled_forward(model) if settings.compile else None
@@ -145,8 +145,8 @@ class _Run:
     def _forward(self):
         """One decode step of the model over the live rows: logits [rows, V]."""
         batch, cache = self.batch, self.cache
-        cache.reserve()
-        self.peak_suffix_bytes = max(self.peak_suffix_bytes, cache.nbytes()[1])
+        if cache.reserve():
+            self.peak_suffix_bytes = max(self.peak_suffix_bytes, cache.nbytes()[1])
         inputs = dict(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
                       attention_mask=batch.decode_mask, use_cache=True,
                       **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
