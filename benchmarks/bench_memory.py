@@ -27,12 +27,17 @@ FOLLOW_SHAPE = dict(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000, inte
 TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=500, intermediate=128)
 
 
-def _pick_eos(model, prompt, eos_rate, n=32, steps=64):
-    """The token drawn at the rate closest to ``eos_rate`` per step in a short trial run without EOS, so samples stop
-    after about 1 / eos_rate tokens."""
+def _pick_eos(model, prompt, eos_rate, n=32, steps=256):
+    """End-of-sequence ids drawn together at about ``eos_rate`` per step in a trial run without EOS, so samples
+    stop after about 1 / eos_rate tokens. One token's rate drifts as a random model's samples wander (a single
+    EOS id became rare late in the samples), so the rate is spread over many uncommon tokens: the least frequent
+    tokens seen at least twice, added until their summed rate reaches ``eos_rate``."""
     trial = fastbon.generate(model, prompt, n=n, k=n, max_new_tokens=steps, top_p=0.95, seed=1, eos_token_id=[])
     counts = torch.bincount(trial.sequences.flatten(), minlength=model.config.vocab_size).double() / (n * steps)
-    return int((counts - eos_rate).abs().argmin())
+    seen_twice = (counts >= 2 / (n * steps)).nonzero().flatten()
+    order = seen_twice[counts[seen_twice].argsort()]
+    cumulative = counts[order].cumsum(0)
+    return order[:int((cumulative < eos_rate).sum()) + 1].tolist()
 
 
 def _kv_bytes_per_token(model):

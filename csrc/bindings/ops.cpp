@@ -3,6 +3,8 @@
 // The ops are out-variants: python/fastbon/_cpp_ops.py allocates the outputs (fastbon.ops._alloc.new_output) and
 // registers the fake kernels, so a decode step traces under torch.compile. The CUDA kernels register from
 // cuda_ops.cpp when the extension is built with CUDA.
+#include <algorithm>
+
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -50,6 +52,104 @@ void shared_prefix_attention_cpu(const at::Tensor& q, const at::Tensor& prefix_k
                                sinks.has_value() ? sinks->data_ptr() : nullptr, op_threads());
 }
 
+// The level structure of a tree-attention call as the kernels take it: each level's lengths, the row -> segment map.
+cpu::TreeShape tree_shape(const std::vector<at::Tensor>& level_lens, const at::Tensor& level_segments,
+                          int64_t suffix_capacity, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim) {
+  const int64_t num_levels = static_cast<int64_t>(level_lens.size());
+  TORCH_CHECK(level_segments.dim() == 2 && level_segments.size(0) == num_levels &&
+                  level_segments.scalar_type() == at::kInt && level_segments.is_contiguous(),
+              "fastbon: level_segments must be a contiguous int32 [levels, rows] tensor");
+  TORCH_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, "fastbon: q heads must be a multiple of KV heads");
+  std::vector<int64_t> longest;
+  for (const at::Tensor& lens : level_lens) {
+    TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == at::kInt && lens.is_contiguous() && lens.is_cpu(),
+                "fastbon: level_lens must be contiguous int32 CPU vectors");
+    const int32_t* data = lens.data_ptr<int32_t>();  // a plain loop: the per-layer run allocates nothing
+    longest.push_back(lens.numel() ? *std::max_element(data, data + lens.numel()) : 0);
+  }
+  return {num_levels, level_segments.size(1), num_q_heads, num_kv_heads, head_dim, suffix_capacity, longest,
+          op_threads()};
+}
+
+std::vector<const int32_t*> lens_pointers(const std::vector<at::Tensor>& level_lens) {
+  std::vector<const int32_t*> pointers;
+  for (const at::Tensor& lens : level_lens) pointers.push_back(lens.data_ptr<int32_t>());
+  return pointers;
+}
+
+// Once per batch change: positions, work items and the workspaces one layer's run needs (reused by every layer).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_attention_plan_cpu(
+    const std::vector<at::Tensor>& level_lens, const at::Tensor& level_segments, int64_t suffix_capacity,
+    int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, bool float64) {
+  const cpu::TreeShape shape = tree_shape(level_lens, level_segments, suffix_capacity, num_q_heads, num_kv_heads,
+                                          head_dim);
+  std::vector<int64_t> counts;
+  for (const at::Tensor& lens : level_lens) counts.push_back(lens.numel());
+  const auto index_options = level_segments.options().dtype(at::kLong);
+  at::Tensor positions = at::empty({shape.num_levels, shape.num_rows}, index_options);
+  std::vector<int64_t> items;
+  const auto pointers = lens_pointers(level_lens);
+  cpu::plan_tree(shape, pointers.data(), counts.data(), level_segments.data_ptr<int32_t>(),
+                 positions.data_ptr<int64_t>(), items);
+  at::Tensor item_tensor = at::empty({static_cast<int64_t>(items.size()) / cpu::kItemColumns, cpu::kItemColumns},
+                                     index_options);
+  std::copy(items.begin(), items.end(), item_tensor.data_ptr<int64_t>());
+  const cpu::TreeWorkspaceLayout layout(shape);
+  at::Tensor workspace = at::empty({layout.elements}, level_segments.options().dtype(float64 ? at::kDouble : at::kFloat));
+  at::Tensor index_workspace = at::empty({layout.index_elements}, index_options);
+  return {positions, item_tensor, workspace, index_workspace};
+}
+
+void tree_attention_cpu(const at::Tensor& q, const std::vector<at::Tensor>& level_keys,
+                        const std::vector<at::Tensor>& level_values, const std::vector<at::Tensor>& level_lens,
+                        const at::Tensor& level_segments, const at::Tensor& positions, const at::Tensor& items,
+                        const at::Tensor& suffix_k, const at::Tensor& suffix_v, const at::Tensor& suffix_lens,
+                        double scale, int64_t window, double softcap, const std::optional<at::Tensor>& sinks,
+                        const at::Tensor& workspace, const at::Tensor& index_workspace, const at::Tensor& out) {
+  const auto dtype = q.scalar_type();
+  check_tensor(q, "q", q, 3, dtype);
+  check_tensor(out, "out", q, 3, dtype);
+  check_tensor(suffix_k, "suffix_k", q, 4, dtype);
+  check_tensor(suffix_v, "suffix_v", q, 4, dtype);
+  check_tensor(suffix_lens, "suffix_lens", q, 1, at::kInt);
+  check_attention_features(q, window, softcap, sinks);
+  const int64_t rows = q.size(0), kv_heads = suffix_k.size(1);
+  TORCH_CHECK(out.sizes() == q.sizes() && suffix_k.size(0) == rows && suffix_k.size(3) == q.size(2) &&
+                  suffix_v.sizes() == suffix_k.sizes() && suffix_lens.size(0) == rows,
+              "fastbon: q, suffix_k/v, suffix_lens, out shapes");
+  TORCH_CHECK(level_keys.size() == level_lens.size() && level_values.size() == level_lens.size(),
+              "fastbon: one keys, values and lens tensor per level");
+  const cpu::TreeShape shape = tree_shape(level_lens, level_segments, suffix_k.size(2), q.size(1), kv_heads, q.size(2));
+  TORCH_CHECK(shape.num_rows == rows, "fastbon: level_segments must have one column per row of q");
+  std::vector<const void*> keys, values;
+  std::vector<int64_t> capacity;
+  for (size_t level = 0; level < level_keys.size(); ++level) {
+    check_tensor(level_keys[level], "level_keys", q, 4, dtype);
+    check_tensor(level_values[level], "level_values", q, 4, dtype);
+    TORCH_CHECK(level_keys[level].size(0) == level_lens[level].numel() && level_keys[level].size(1) == kv_heads &&
+                    level_keys[level].size(3) == q.size(2) && level_values[level].sizes() == level_keys[level].sizes(),
+                "fastbon: level ", level, " keys/values shape");
+    keys.push_back(level_keys[level].data_ptr());
+    values.push_back(level_values[level].data_ptr());
+    capacity.push_back(level_keys[level].size(2));
+  }
+  const cpu::TreeWorkspaceLayout layout(shape);
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == shape.num_levels * rows &&
+                  items.scalar_type() == at::kLong && items.dim() == 2 && items.size(1) == cpu::kItemColumns,
+              "fastbon: positions/items are not a plan of this batch (tree_attention_plan)");
+  TORCH_CHECK(workspace.numel() >= layout.elements && index_workspace.numel() >= layout.index_elements &&
+                  workspace.scalar_type() == (dtype == at::kDouble ? at::kDouble : at::kFloat) &&
+                  index_workspace.scalar_type() == at::kLong,
+              "fastbon: the workspace does not fit this call: plan again (tree_attention_plan)");
+  const auto pointers = lens_pointers(level_lens);
+  cpu::tree_attention(dtype_of(q, "q", {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}), shape,
+                      q.data_ptr(), keys.data(), values.data(), pointers.data(), capacity.data(),
+                      level_segments.data_ptr<int32_t>(), positions.data_ptr<int64_t>(), items.data_ptr<int64_t>(),
+                      items.size(0), suffix_k.data_ptr(), suffix_v.data_ptr(), suffix_lens.data_ptr<int32_t>(),
+                      out.data_ptr(), scale, window, softcap, sinks.has_value() ? sinks->data_ptr() : nullptr,
+                      workspace.data_ptr(), index_workspace.data_ptr<int64_t>(), op_threads());
+}
+
 void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& temperature,
                 const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
                 const at::Tensor& step, const at::Tensor& tokens, const at::Tensor& logprobs) {
@@ -87,6 +187,14 @@ TORCH_LIBRARY(fastbon, m) {
       "Tensor suffix_v, Tensor suffix_lens, Tensor sample_to_prompt, float scale, int window, float softcap, "
       "Tensor? sinks, Tensor(a!) out) -> ()");
   m.def(
+      "tree_attention_plan(Tensor[] level_lens, Tensor level_segments, int suffix_capacity, int num_q_heads, "
+      "int num_kv_heads, int head_dim, bool float64) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "tree_attention_out(Tensor q, Tensor[] level_keys, Tensor[] level_values, Tensor[] level_lens, "
+      "Tensor level_segments, Tensor positions, Tensor items, Tensor suffix_k, Tensor suffix_v, Tensor suffix_lens, "
+      "float scale, int window, float softcap, Tensor? sinks, Tensor(a!) workspace, Tensor(b!) index_workspace, "
+      "Tensor(c!) out) -> ()");
+  m.def(
       "sample_out(Tensor logits, Tensor row_index, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
       "Tensor seed, Tensor step, Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
   m.def("select_topk_out(Tensor scores, int k, Tensor(a!) values, Tensor(b!) indices) -> ()");
@@ -95,6 +203,8 @@ TORCH_LIBRARY(fastbon, m) {
 
 TORCH_LIBRARY_IMPL(fastbon, CPU, m) {
   m.impl("shared_prefix_attention_out", &shared_prefix_attention_cpu);
+  m.impl("tree_attention_plan", &tree_attention_plan_cpu);
+  m.impl("tree_attention_out", &tree_attention_cpu);
   m.impl("sample_out", &sample_cpu);
   m.impl("select_topk_out", &select_topk_cpu);
   m.impl("philox_uniform", &philox_uniform_cpu);

@@ -20,6 +20,12 @@ def _(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sampl
     return None
 
 
+@torch.library.register_fake("fastbon::tree_attention_out")
+def _(q, level_keys, level_values, level_lens, level_segments, positions, items, suffix_k, suffix_v, suffix_lens,
+      scale, window, softcap, sinks, workspace, index_workspace, out):
+    return None
+
+
 @torch.library.register_fake("fastbon::sample_out")
 def _(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs):
     return None
@@ -43,6 +49,35 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     _ops.shared_prefix_attention_out(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens,
                                      sample_to_prompt, float(scale), window or 0, softcap or 0.0, sinks, out)
     return out
+
+
+class _CpuTreeState:
+    """The cpu backend's plan: positions and work items from the C++ planner, the workspaces and the output
+    buffer every layer's run reuses."""
+
+    def __init__(self, plan):
+        self.positions, self.items, self.workspace, self.index_workspace = _ops.tree_attention_plan(
+            plan.level_lens, plan.level_segments, plan.suffix_capacity, plan.num_q_heads, plan.num_kv_heads,
+            plan.head_dim, plan.dtype == torch.float64)
+        self.out = new_output((plan.num_rows, plan.num_q_heads, plan.head_dim), plan.dtype, plan.device)
+
+
+def plan_tree(plan):
+    """Plan of ``fastbon.ops.tree_attention.TreePlan`` for the cpu backend (CPU tensors only)."""
+    if plan.device.type != "cpu":
+        raise ValueError(f"the cpu backend's tree attention takes CPU tensors, not {plan.device.type}")
+    return _CpuTreeState(plan)
+
+
+def tree_attention(plan, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window=None,
+                   softcap=None, sinks=None):
+    """Backend contract of ``reference.tree_attention`` on a plan: writes the plan's output buffer (the same tensor
+    for every layer: each layer's output is consumed before the next layer's attention runs) and returns it."""
+    state = plan.state
+    _ops.tree_attention_out(q, level_keys, level_values, plan.level_lens, plan.level_segments, state.positions,
+                            state.items, suffix_k, suffix_v, suffix_lens, float(scale), window or 0, softcap or 0.0,
+                            sinks, state.workspace, state.index_workspace, state.out)
+    return state.out
 
 
 def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step):

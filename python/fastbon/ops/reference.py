@@ -104,6 +104,54 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     return out.reshape(num_samples, num_q_heads, head_dim).to(q.dtype)
 
 
+def plan_tree(plan):
+    """The torch backend plans nothing: it reads the plan's level structure on every call."""
+    return None
+
+
+def tree_attention(plan, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window=None,
+                   softcap=None, sinks=None):
+    """Tree (cascade) attention of N single-token queries (``fastbon.ops.tree_attention``).
+
+    plan: a ``TreePlan`` (its ``level_lens`` [S_l] and ``level_segments`` [L, N]); q [N, Hq, D]; level_keys/values
+    per level [S_l, Hkv, C_l, D]; suffix_k/v [N, Hkv, T, D]; suffix_lens int32 [N]; scale, window, softcap, sinks as
+    in ``shared_prefix_attention``. Row i reads segment level_segments[l, i] of every level, then its suffix; keys
+    are placed along its path (level l's key t at the lengths of i's earlier segments + t) and the query is at the
+    path's last position. Written for clarity: each row's segments are gathered, then every level's partial
+    attention is merged by log-sum-exp.
+    """
+    num_rows, num_q_heads, head_dim = q.shape
+    num_kv_heads = suffix_k.shape[1]
+    group = num_q_heads // num_kv_heads
+    work = _compute_dtype(q.dtype)
+    query = q.to(work).view(num_rows, num_kv_heads, group, head_dim) * scale
+    suffix_lengths = suffix_lens.long()
+    segments = [plan.level_segments[level].long() for level in range(plan.num_levels)]
+    lengths = [plan.level_lens[level].long()[segments[level]] for level in range(plan.num_levels)] + [suffix_lengths]
+    starts = [sum(lengths[:level], torch.zeros_like(suffix_lengths)) for level in range(len(lengths))]
+    query_position = starts[-1] + suffix_lengths - 1
+    keys = [level_keys[level][segments[level]] for level in range(plan.num_levels)] + [suffix_k]
+    values = [level_values[level][segments[level]] for level in range(plan.num_levels)] + [suffix_v]
+
+    out = torch.zeros((num_rows, num_kv_heads, group, head_dim), dtype=work, device=q.device)
+    lse = torch.full((num_rows, num_kv_heads, group), float("-inf"), dtype=work, device=q.device)
+    for level_k, level_v, length, start in zip(keys, values, lengths, starts, strict=True):
+        index = torch.arange(level_k.shape[2], device=q.device)
+        stored = index < length[:, None]
+        visible = stored if window is None else stored & (start[:, None] + index > (query_position - window)[:, None])
+        scores = torch.einsum("nhgd,nhtd->nhgt", query, level_k.to(work))
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        stored_values = torch.where(stored[:, None, :, None], level_v.to(work), 0)  # 0 * garbage stays 0
+        level_out, level_lse = _partial_attention(
+            scores, lambda probs, v=stored_values: torch.einsum("nhgt,nhtd->nhgd", probs, v))
+        out, lse = merge_states(out, lse, level_out, level_lse)
+    if sinks is not None:
+        out, _ = merge_states(out, lse, torch.zeros_like(out), sinks.to(work).view(1, num_kv_heads, group).expand_as(lse))
+    return out.reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
+
+
 def sampling_threshold(probs, top_k, top_p, min_p):
     """The smallest kept probability per row: tokens with ``probs >= threshold`` (and > 0) are the sampling set.
 
