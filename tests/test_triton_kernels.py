@@ -161,7 +161,7 @@ _COMPILE_FOR_CUDA = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from fastbon.kernels import sample, select_topk, shared_prefix_attention as attention
+from fastbon.kernels import sample, select_topk, tree_attention as attention
 
 def compile_(fn, signature, constexprs, num_warps=4):
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
@@ -175,18 +175,21 @@ compile_(sample._sample_kernel, dict(logits_ptr="*bf16", row_index_ptr="*i64", t
          logprobs_ptr="*fp32", num_rows="i32", vocab="i32"), dict(BLOCK_R=1, BLOCK_V=4096), num_warps=8)
 for (dtype, precision), on in ((("bf16", "tf32"), False), (("fp32", "ieee"), False), (("bf16", "tf32"), True)):
     features = dict(WINDOWED=on, HAS_SOFTCAP=on)
-    compile_(attention._prefix_partial_kernel, dict(q_ptr=f"*{dtype}", prefix_k_ptr=f"*{dtype}",
-             prefix_v_ptr=f"*{dtype}", prefix_lens_ptr="*i32", suffix_lens_ptr="*i32", sample_order_ptr="*i32",
-             prompt_first_ptr="*i64", prompt_counts_ptr="*i64", tile_prompt_ptr="*i64", tile_first_ptr="*i64",
-             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", qk_scale="fp32", scale_over_cap="fp32",
-             cap_log2="fp32", window="i32", num_prompts="i32", num_samples="i32", num_q_heads="i32",
-             num_kv_heads="i32", prefix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
+    compile_(attention._level_partial_kernel, dict(q_ptr=f"*{dtype}", keys_ptr=f"*{dtype}", values_ptr=f"*{dtype}",
+             lens_ptr="*i32", suffix_lens_ptr="*i32", path_lens_ptr="*i32", level_offsets_ptr="*i32",
+             row_order_ptr="*i32", run_first_ptr="*i64", run_counts_ptr="*i64", run_segment_ptr="*i32",
+             tile_run_ptr="*i64", tile_first_ptr="*i64", partial_o_ptr="*fp32", partial_lse_ptr="*fp32",
+             chunk_base="i32", qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32", window="i32", num_rows="i32",
+             num_q_heads="i32", num_kv_heads="i32", key_capacity="i32", head_dim="i32", chunk_len="i32",
+             group="i32"),
              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features))
     compile_(attention._suffix_merge_kernel, dict(q_ptr=f"*{dtype}", suffix_k_ptr=f"*{dtype}",
-             suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", prefix_lens_ptr="*i32", sample_to_prompt_ptr="*i32",
-             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", sinks_ptr="*fp32", out_ptr=f"*{dtype}", qk_scale="fp32",
-             scale_over_cap="fp32", cap_log2="fp32", window="i32", num_samples="i32", num_q_heads="i32",
-             num_kv_heads="i32", suffix_max="i32", head_dim="i32", chunk_len="i32", group="i32"),
+             suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", path_lens_ptr="*i32", level_segments_ptr="*i32",
+             level_offsets_ptr="*i32", level_lens_ptr="*i32", level_lens_base_ptr="*i32", level_chunk_len_ptr="*i32",
+             level_chunk_base_ptr="*i32", partial_o_ptr="*fp32", partial_lse_ptr="*fp32", sinks_ptr="*fp32",
+             out_ptr=f"*{dtype}", qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32", window="i32",
+             num_levels="i32", num_rows="i32", num_q_heads="i32", num_kv_heads="i32", suffix_max="i32",
+             head_dim="i32", group="i32"),
              dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features,
                   HAS_SINKS=on))
 """

@@ -1,25 +1,46 @@
-"""SharedPrefixCache: each prompt's KV stored once, each sample's new KV in a suffix buffer that grows with it.
+"""SharedPrefixCache: a tree of KV segments read once per step for every sample below them, plus a suffix per sample.
 
 Layout per attention layer:
-  prefix_keys / prefix_values   [B, Hkv, P_max, D]   prompt b's keys in positions [0, prefix_lens[b])
-  suffix_keys / suffix_values   [N, Hkv, C, D]       sample i's generated keys in positions [0, suffix_length)
-with N = B·n samples and ``sample_to_prompt[i]`` the prompt of sample i. Every sample advances in lockstep (one
-token per decode step), so the suffix length is one Python int shared by all rows: appending a step is a slice
-copy, not a scatter, and needs no host sync.
+  level_keys[l] / level_values[l]   [S_l, Hkv, C_l, D]   the S_l segments of level l (keys in [0, lens_l[s]))
+  suffix_keys / suffix_values       [N, Hkv, C, D]       sample row i's newest keys in positions [0, suffix_length)
+Row i reads segment ``level_segments[l, i]`` of every level, root first, then its own suffix. The prefill gives the
+first levels: the prompt (and a prefix common to all prompts above it, when there is one worth sharing). A fork
+(``fork``) adds one: the suffixes written so far become a level of shared segments, with no copy, and each new row
+continues from the segment of its parent.
 
-The suffix capacity C follows the tokens generated, never ``max_new_tokens``: it starts at ``SUFFIX_BLOCK``
-positions and doubles (capped at ``max_new_tokens``) when a step would pass it, so the bytes held stay within 2x
-of what the live rows wrote and the copies amortise to one per token. Rows leaving the batch are compacted by
+Every row advances in lockstep (one token per decode step), so the suffix length is one Python int shared by all
+rows: appending a step is a slice copy, not a scatter, and needs no host sync. The suffix capacity C follows the
+tokens generated, never ``max_new_tokens``: it starts at ``SUFFIX_BLOCK`` positions and doubles when a step would
+pass it, so the bytes held stay within 2x of what the live rows wrote; rows leaving the batch are compacted by
 copying only the positions written so far.
+
+The attention plan (``fastbon.ops.tree_attention.TreePlan``) is made when this structure changes — the start,
+rows leaving, a fork, the suffix growing — never per layer or per step.
 """
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .ops.attention import attention_implementation
+from .ops.tree_attention import TreePlan
 
 # Suffix positions allocated at the start (then doubling): one block covers most short completions.
 SUFFIX_BLOCK = 64
+
+
+@dataclass
+class PrefixLevel:
+    """One level of the prefill's KV: per layer keys/values [S, Hkv, C, D]; lens int32 [S]; prompt_segment int64
+    [B], each prompt's segment here."""
+
+    keys: list
+    values: list
+    lens: torch.Tensor
+    prompt_segment: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
 def _suffix_buffer(num_samples: int, like: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -27,17 +48,17 @@ def _suffix_buffer(num_samples: int, like: torch.Tensor, capacity: int) -> torch
 
 
 class SharedPrefixLayer(CacheLayerMixin):
-    """One attention layer's prefix and suffix buffers (see the module docstring)."""
+    """One attention layer's level and suffix buffers (see the module docstring)."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, prefix_keys, prefix_values, num_samples: int, capacity: int, owner: "SharedPrefixCache"):
+    def __init__(self, level_keys: list, level_values: list, num_samples: int, capacity: int,
+                 owner: "SharedPrefixCache"):
         super().__init__()
-        self.prefix_keys = prefix_keys
-        self.prefix_values = prefix_values
-        self.suffix_keys = _suffix_buffer(num_samples, prefix_keys, capacity)
-        self.suffix_values = _suffix_buffer(num_samples, prefix_values, capacity)
+        self.level_keys, self.level_values = list(level_keys), list(level_values)
+        self.suffix_keys = _suffix_buffer(num_samples, level_keys[0], capacity)
+        self.suffix_values = _suffix_buffer(num_samples, level_values[0], capacity)
         self.owner = owner
         # (window, softcap, sinks) of this layer's attention in the op's form: set by fastbon.hf on the first call.
         self.attention_features = None
@@ -54,11 +75,15 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.suffix_values.index_copy_(2, self.owner.position, value_states)
         return self.suffix_keys, self.suffix_values
 
+    def key_capacity(self) -> int:
+        """The most keys a row's path can hold in the levels' storage."""
+        return sum(keys.shape[2] for keys in self.level_keys)
+
     def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[2] + self.owner.suffix_length
+        return self.key_capacity() + self.owner.suffix_length
 
     def get_max_length(self) -> int:
-        return self.prefix_keys.shape[2] + self.owner.max_new_tokens
+        return self.key_capacity() + self.owner.max_new_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -73,57 +98,95 @@ class SharedPrefixLayer(CacheLayerMixin):
             new[:, :, :written] = written_part if rows is None else written_part.index_select(0, rows)
             setattr(self, name, new)
 
-    def nbytes(self) -> tuple[int, int]:
-        """(prefix bytes, suffix bytes) held by this layer."""
-        prefix = sum(t.numel() * t.element_size() for t in (self.prefix_keys, self.prefix_values))
-        suffix = sum(t.numel() * t.element_size() for t in (self.suffix_keys, self.suffix_values))
-        return prefix, suffix
+    def freeze_suffix(self, num_rows: int, capacity: int) -> None:
+        """The suffix buffers become a level (no copy); new empty ones of ``capacity`` positions for ``num_rows``."""
+        self.level_keys.append(self.suffix_keys)
+        self.level_values.append(self.suffix_values)
+        self.suffix_keys = _suffix_buffer(num_rows, self.suffix_keys, capacity)
+        self.suffix_values = _suffix_buffer(num_rows, self.suffix_values, capacity)
+
+    def nbytes(self, first_levels: int) -> tuple[int, int]:
+        """(bytes of the first ``first_levels`` levels, bytes of the others and the suffix)."""
+        def size(tensors):
+            return sum(t.numel() * t.element_size() for t in tensors)
+        shared = size(self.level_keys[:first_levels]) + size(self.level_values[:first_levels])
+        generated = size(self.level_keys[first_levels:]) + size(self.level_values[first_levels:])
+        return shared, generated + size((self.suffix_keys, self.suffix_values))
 
 
 class SharedPrefixCache(Cache):
-    """A transformers ``Cache`` whose prompts' KV is stored once and shared by the n samples of each prompt.
+    """A transformers ``Cache`` whose prompts' KV is stored once and shared by the n samples of each prompt, and
+    whose samples can fork (``fork``) without copying what they share.
 
     Built from a prefill (``fastbon.prefill``); the decode loop calls ``reserve()`` before and ``advance()`` after
-    each step.
-    The attention function registered by ``fastbon.hf`` reads the buffers through ``layers[module.layer_idx]``
-    and runs ``self.attention``: the shared-prefix attention of the backend chosen once for this cache.
+    each step. The attention function registered by ``fastbon.hf`` reads the buffers through
+    ``layers[module.layer_idx]`` and runs ``plan(...)``: this batch's tree-attention plan.
     """
 
-    def __init__(self, prefix_keys: list, prefix_values: list, prefix_lens: torch.Tensor,
-                 sample_to_prompt: torch.Tensor, max_new_tokens: int, backend: str | None = None):
-        self.attention = attention_implementation(prefix_keys[0].device, backend, prefix_keys[0].dtype)
-        self.prefix_lens = prefix_lens.to(torch.int32)
-        self.sample_to_prompt = sample_to_prompt.to(torch.int32)
+    def __init__(self, levels: list, sample_to_prompt: torch.Tensor, max_new_tokens: int, backend: str | None = None):
+        """``levels``: the prefill's ``PrefixLevel``s, root first; ``sample_to_prompt``: each sample row's prompt."""
+        self.backend = backend
+        self.level_lens = [level.lens.to(torch.int32) for level in levels]
+        self.level_segments = torch.stack([level.prompt_segment[sample_to_prompt.long()] for level in levels]).to(
+            torch.int32)
+        self.prefill_levels = len(levels)
         self.suffix_length = 0
-        self.position = torch.zeros(1, dtype=torch.int64, device=self.prefix_lens.device)  # suffix_length, on device
+        self.forked_tokens = 0  # tokens per row held by the fork levels (before the current suffix)
+        self.position = torch.zeros(1, dtype=torch.int64, device=sample_to_prompt.device)  # suffix_length, on device
         self.max_new_tokens = max_new_tokens
         self.suffix_capacity = min(SUFFIX_BLOCK, max_new_tokens)
         self.attention_calls = 0  # layers served by fastbon's attention: the decode loop checks the routing with it
+        self._plans = {}
         num_samples = sample_to_prompt.shape[0]
-        layers = [SharedPrefixLayer(keys, values, num_samples, self.suffix_capacity, self)
-                  for keys, values in zip(prefix_keys, prefix_values, strict=True)]
+        layers = [SharedPrefixLayer([level.keys[index] for level in levels], [level.values[index] for level in levels],
+                                    num_samples, self.suffix_capacity, self)
+                  for index in range(len(levels[0].keys))]
         super().__init__(layers=layers)
         self._refresh_lengths()
 
     @property
     def num_samples(self) -> int:
-        return self.sample_to_prompt.shape[0]
+        return self.level_segments.shape[1]
+
+    @property
+    def num_levels(self) -> int:
+        return self.level_segments.shape[0]
 
     def _refresh_lengths(self) -> None:
         # After this step's key is written, attention sees suffix_length + 1 keys of its own.
         self.suffix_lens = torch.full((self.num_samples,), self.suffix_length + 1, dtype=torch.int32,
-                                      device=self.sample_to_prompt.device)
+                                      device=self.level_segments.device)
+
+    def plan(self, num_q_heads: int, keys: torch.Tensor) -> TreePlan:
+        """The attention plan for queries of ``num_q_heads`` heads over a layer whose keys are like ``keys``
+        [S, Hkv, C, D]: made on the first call after the structure changed, then reused by every layer and step."""
+        key = (num_q_heads, keys.shape[1], keys.shape[3], keys.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = TreePlan(self.level_lens, self.level_segments, self.suffix_capacity, num_q_heads,
+                                               keys.shape[1], keys.shape[3], keys.dtype, keys.device, self.backend)
+        return plan
+
+    def _replan(self) -> None:
+        """The structure changed: the plans of the shapes seen so far are made again now, outside any compiled step."""
+        shapes = list(self._plans)
+        self._plans = {}
+        for num_q_heads, num_kv_heads, head_dim, dtype in shapes:
+            like = torch.empty((0, num_kv_heads, 0, head_dim), dtype=dtype, device=self.level_segments.device)
+            self.plan(num_q_heads, like)
 
     def reserve(self) -> bool:
-        """Room for the next step's key: doubles the suffix capacity (capped at ``max_new_tokens``) when full.
-        Returns whether it grew (the only time the suffix bytes rise)."""
+        """Room for the next step's key: doubles the suffix capacity (capped at what max_new_tokens leaves) when
+        full. Returns whether it grew (the only time the suffix bytes rise)."""
         if self.suffix_length < self.suffix_capacity:
             return False
-        if self.suffix_length >= self.max_new_tokens:
+        room = self.max_new_tokens - self.forked_tokens
+        if self.suffix_length >= room:
             raise RuntimeError(f"the cache holds max_new_tokens={self.max_new_tokens} positions already")
-        self.suffix_capacity = min(2 * self.suffix_capacity, self.max_new_tokens)
+        self.suffix_capacity = min(2 * self.suffix_capacity, room)
         for layer in self.layers:
             layer.resize_suffix(None, self.suffix_length, self.suffix_capacity)
+        self._replan()
         return True
 
     def advance(self) -> None:
@@ -133,14 +196,42 @@ class SharedPrefixCache(Cache):
         self._refresh_lengths()
 
     def select_samples(self, rows: torch.Tensor) -> None:
-        """Keep only the sample rows ``rows`` (int64, on the cache's device), in that order; only the positions
-        written so far are copied."""
-        self.sample_to_prompt = self.sample_to_prompt.index_select(0, rows)
+        """Keep only the sample rows ``rows`` (int64, on the cache's device), in that order; only the suffix positions
+        written so far are copied, and the shared levels not at all."""
+        self.level_segments = self.level_segments.index_select(1, rows)
         for layer in self.layers:
             layer.resize_suffix(rows, self.suffix_length, self.suffix_capacity)
         self._refresh_lengths()
+        self._replan()
+
+    def fork(self, parents: torch.Tensor, capacity: int = SUFFIX_BLOCK) -> None:
+        """Replace the rows by children: new row j continues the path of old row ``parents[j]`` (int64, on the
+        cache's device; a parent may have any number of children, or none). The suffixes written so far become a
+        level of shared segments, without a copy, so the KV bytes grow only by what is generated after the fork;
+        the new suffix buffers start at ``capacity`` positions (then double)."""
+        if self.suffix_length > 0:
+            old_rows = self.num_samples
+            room = self.max_new_tokens - self.forked_tokens - self.suffix_length
+            if room <= 0:
+                raise RuntimeError(f"the cache holds max_new_tokens={self.max_new_tokens} positions already")
+            self.suffix_capacity = min(capacity, room)
+            for layer in self.layers:
+                layer.freeze_suffix(parents.shape[0], self.suffix_capacity)
+            self.level_lens.append(torch.full((old_rows,), self.suffix_length, dtype=torch.int32,
+                                              device=parents.device))
+            self.level_segments = torch.cat([self.level_segments, torch.arange(
+                old_rows, dtype=torch.int32, device=parents.device)[None]]).index_select(1, parents)
+            self.forked_tokens += self.suffix_length
+            self.suffix_length = 0
+            self.position.zero_()
+        else:  # nothing written since the last fork: the children only take their parents' paths
+            self.level_segments = self.level_segments.index_select(1, parents)
+            for layer in self.layers:
+                layer.resize_suffix(parents, 0, self.suffix_capacity)
+        self._refresh_lengths()
+        self._replan()
 
     def nbytes(self) -> tuple[int, int]:
-        """(prefix bytes, suffix bytes) held over all layers."""
-        sizes = [layer.nbytes() for layer in self.layers]
+        """(bytes of the prefill's levels, bytes of what was generated: fork levels and suffix) over all layers."""
+        sizes = [layer.nbytes(self.prefill_levels) for layer in self.layers]
         return sum(prefix for prefix, _ in sizes), sum(suffix for _, suffix in sizes)

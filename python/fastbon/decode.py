@@ -112,10 +112,9 @@ class _Run:
         self.device = params.seed.device
         self.num_prompts, self.n = len(prompts), settings.n
         num_samples = sample_ids.shape[0]
-        self.logits, prefix_keys, prefix_values, prefix_lens = prefilled
+        self.logits = prefilled.logits
         sample_to_prompt = sample_ids // settings.n
-        self.cache = SharedPrefixCache(prefix_keys, prefix_values, prefix_lens, sample_to_prompt,
-                                       settings.max_new_tokens, settings.backend)
+        self.cache = SharedPrefixCache(prefilled.levels, sample_to_prompt, settings.max_new_tokens, settings.backend)
         self.sample = sample_implementation(self.device, settings.backend, self.logits.dtype)
         self.row_index = sample_to_prompt  # step 0 samples every sample of a prompt from the prompt's row
         seen = None
@@ -125,7 +124,7 @@ class _Run:
                 self.prompt_seen[row, prompt.to(self.device)] = True
             seen = self.prompt_seen[sample_to_prompt]
         # Rows are numbered within this run; ``sample_ids`` maps them back when the run's output is stored.
-        self.batch = _Batch(torch.arange(num_samples, device=self.device), prefix_lens.long()[sample_to_prompt],
+        self.batch = _Batch(torch.arange(num_samples, device=self.device), prefilled.prompt_lens[sample_to_prompt],
                             params, seen)
         columns = min(FIRST_COLUMNS, settings.max_new_tokens)
         self.tokens = torch.full((num_samples, columns), settings.pad_token_id, dtype=torch.int64, device=self.device)
@@ -137,7 +136,7 @@ class _Run:
         self.candidates = torch.arange(num_samples, device=self.device)  # samples not pruned: what pruning ranks
         self.eos = torch.tensor(settings.eos_ids, dtype=torch.int64, device=self.device)
         self.steps = self.checked_steps = self.tokens_generated = 0
-        self.peak_suffix_bytes = self.cache.nbytes()[1]  # rises only when reserve() grows the buffers
+        self.peak_suffix_bytes = self.cache.nbytes()[1]  # rises only when reserve() grows the buffers or a fork
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
         self.cache_argument = hf.cache_argument(model)
         self.compiled = compiled_forward(model) if settings.compile else None
@@ -310,7 +309,7 @@ def decode(model, prompts: list, params: SamplingParams, settings: DecodeSetting
                           f"of the {num_samples} rows fit in max_memory={estimate['budget']} bytes at once")
     hf.route_attention(model.config._attn_implementation)
     prefilled = prefill(model, prompts, settings.pad_token_id, device, stats)
-    stats["prefix_kv_bytes"] = sum(keys.numel() * keys.element_size() * 2 for keys in prefilled[1])
+    stats["prefix_kv_bytes"] = prefilled.nbytes()
     device_prompts = [prompt.to(device) for prompt in prompts]
     output, steps, generated, peak = None, 0, 0, 0
     for start in range(0, num_samples, rows_per_wave):

@@ -29,7 +29,7 @@ _BELOW_FLOAT64 = (torch.float16, torch.bfloat16, torch.float32)
 _SCORE_FLOATS = (torch.float32, torch.float64)
 # What each built-in backend's kernels take. The torch and cpu backends compute float64 in float64; the triton
 # sampler reads float64 logits and computes in float32; the triton and cuda attention kernels and the cuda sampler
-# accumulate in float32 and refuse float64 (csrc/bindings/cuda_ops.cpp, kernels/shared_prefix_attention.py).
+# accumulate in float32 and refuse float64 (csrc/bindings/cuda_ops.cpp, kernels/tree_attention.py).
 _DTYPES = {
     "torch": {"shared_prefix_attention": _ALL_FLOATS, "sample": _ALL_FLOATS, "select_topk": _SCORE_FLOATS},
     "cpu": {"shared_prefix_attention": _ALL_FLOATS, "sample": _ALL_FLOATS, "select_topk": _SCORE_FLOATS},

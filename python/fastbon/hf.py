@@ -26,7 +26,7 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
                                     s_aux=None, **kwargs):
     """AttentionInterface function for decode steps: query [N, Hq, 1, D] -> ([N, 1, Hq, D], None).
 
-    ``key``/``value`` are the suffix buffers the cache returned; the prefix and the lengths come from the
+    ``key``/``value`` are the suffix buffers the cache returned; the shared levels and the lengths come from the
     ``SharedPrefixCache`` passed down the forward as the keyword ``shared_prefix_cache``. The layer's sliding
     window comes from the model's config (``capabilities.layer_window``: the mask transformers would build, which
     ``attention_mask`` stands for and fastbon does not build), the soft-cap and sinks from the keywords the model
@@ -44,10 +44,12 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
             raise RuntimeError(f"{type(module).__name__} changed the keys between the cache update and attention; "
                                "fastbon's decode attention reads the cache's own keys and cannot serve it")
         features = layer.attention_features = _layer_features(module, layer, query, softcap, s_aux)
-    # The backend was chosen and the metadata checked once per generate call: no per-layer validation here.
-    out = cache.attention(query[:, :, 0].contiguous(), layer.prefix_keys, layer.prefix_values, cache.prefix_lens,
-                          layer.suffix_keys, layer.suffix_values, cache.suffix_lens, cache.sample_to_prompt,
-                          scaling if scaling is not None else query.shape[-1] ** -0.5, *features)
+    # The plan (backend, row grouping, workspace) was made when the batch last changed: no per-layer validation,
+    # allocation or sorting here.
+    plan = cache.plan(query.shape[1], layer.suffix_keys)
+    out = plan.run(query[:, :, 0].contiguous(), layer.level_keys, layer.level_values, layer.suffix_keys,
+                   layer.suffix_values, cache.suffix_lens, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                   *features)
     return out[:, None], None
 
 
@@ -56,7 +58,7 @@ def _layer_features(module, layer, query, softcap, sinks):
     (the prefix and suffix buffers hold fewer keys) is dropped, so it costs nothing."""
     window = capabilities.layer_window(module)
     # The suffix buffers grow (SharedPrefixCache.reserve): the most keys a query can see is prefix + max_new_tokens.
-    if window is not None and window >= layer.prefix_keys.shape[2] + layer.owner.max_new_tokens:
+    if window is not None and window >= layer.get_max_length():
         window = None
     if sinks is None:
         sinks = getattr(module, "sinks", None)

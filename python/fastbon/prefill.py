@@ -10,10 +10,13 @@ Prefill caches hold every key (full-attention layers, whatever the model's windo
 applies the windows itself.
 """
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import DynamicCache
 
 from . import hf
+from .cache import PrefixLevel
 from .prompts import left_pad
 
 PADDING_SLACK = 1.1
@@ -39,9 +42,21 @@ def length_buckets(lengths: list) -> list:
     return buckets
 
 
-def prefill(model, prompts: list, pad_token_id: int, device, stats: dict):
-    """Forward every prompt once. Returns (next-token logits [B, V], per-layer prefix keys and values
-    [B, Hkv, P_max, D] with prompt b in positions [0, len_b), prefix lengths [B])."""
+@dataclass
+class Prefilled:
+    """What the prefill hands the decode loop: next-token logits [B, V], the KV levels (``PrefixLevel``, root
+    first), and each prompt's length int64 [B] (where its first generated token sits)."""
+
+    logits: torch.Tensor
+    levels: list
+    prompt_lens: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(level.nbytes() for level in self.levels)
+
+
+def prefill(model, prompts: list, pad_token_id: int, device, stats: dict) -> Prefilled:
+    """Forward every prompt once into one level: prompt b's keys and values in positions [0, len_b) of segment b."""
     cache_argument = hf.cache_argument(model)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
     lengths = [prompt.numel() for prompt in prompts]
@@ -73,4 +88,5 @@ def prefill(model, prompts: list, pad_token_id: int, device, stats: dict):
                 values[index, :, :lengths[index]] = layer.values[row, :, skip:]
         del cache, out
     prefix_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    return logits, prefix_keys, prefix_values, prefix_lens
+    level = PrefixLevel(prefix_keys, prefix_values, prefix_lens, torch.arange(len(prompts), device=device))
+    return Prefilled(logits, [level], prefix_lens.long())
