@@ -46,3 +46,32 @@ def test_quick_demo_numbers_are_sane(quick_demo):
         if row["n"] == 1:
             # one sample per problem: every rule has to pick it
             assert len({row[rule] for rule in RULES}) == 1, row
+
+
+@pytest.fixture(scope="module")
+def quick_search_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exit_code = cli.main(["demo", "--search", "--quick", "--out", str(out)])
+    return out, exit_code, printed.getvalue()
+
+
+def test_quick_search_demo_writes_a_row_per_method_and_budget(quick_search_demo):
+    from fastbon.demo_search import METHOD_LABELS, QUICK_NS, QUICK_PROBLEMS, search
+
+    out, exit_code, printed = quick_search_demo
+    assert exit_code == 0
+    assert "embedded chain model" in printed and "best-of-n, final verifier" in printed
+    assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with open(out / "search.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = [m for m in METHOD_LABELS if search is not None or not m.startswith(("particle", "beam"))]
+    assert sorted((row["method"], int(row["n"])) for row in rows) == sorted((m, n) for m in methods for n in QUICK_NS)
+    for row in rows:
+        assert 0.0 <= float(row["accuracy"]) <= 1.0, row
+        assert int(row["problems"]) == QUICK_PROBLEMS and float(row["seconds"]) > 0, row
+        assert int(row["generated_tokens"]) >= int(row["problems"]), "every pick generates at least one token"
+    best_of_n = [row for row in rows if row["method"].startswith("best_of_n/")]
+    # one generate call per n, re-ranked four ways: the rows share its tokens and its time
+    assert len({(row["n"], row["generated_tokens"], row["seconds"]) for row in best_of_n}) == len(QUICK_NS)

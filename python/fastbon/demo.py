@@ -45,12 +45,13 @@ RULE_LABELS = {"first_sample": "first sample", "mean_logprob": "mean log-prob", 
 CSV_FIELDS = ["n", "problems", *RULES, "generated_tokens", "fastbon_s", "fastbon_tokens_per_s", "hf_s", "speedup"]
 
 
+def first_sample(samples: Samples) -> torch.Tensor:
+    """A score decreasing in the sample index, so sample 0 always wins: n samples, scored as if one was drawn."""
+    return -torch.arange(samples.lengths.shape[1], dtype=torch.float32).expand(samples.lengths.shape)
+
+
 def rule_scores(tokenizer) -> dict:
     """Each rule as a fastbon score (a built-in name or a callable(Samples) -> [B, n]); the pick is the best."""
-
-    def first_sample(samples):
-        # Decreasing in the sample index, so sample 0 always wins: n samples, scored as if only one was drawn.
-        return -torch.arange(samples.lengths.shape[1], dtype=torch.float32).expand(samples.lengths.shape)
 
     def check_all(prompts, texts):
         return [check(prompt, text) for prompt, text in zip(prompts, texts, strict=True)]
@@ -88,15 +89,16 @@ def run_hf(model, batch, n, seed, pad_token_id) -> float:
     return time.perf_counter() - start
 
 
-def accuracies(result, prompt_ids, prompt_texts, tokenizer, pad_token_id) -> dict:
-    """Accuracy of each rule's pick, all rules re-scoring the same n samples per prompt."""
+def accuracies(result, prompt_ids, prompt_texts, tokenizer, pad_token_id, rules=None, answer_check=check) -> dict:
+    """Accuracy of each rule's pick, all rules (default :func:`rule_scores`) re-scoring the same n samples per
+    prompt; ``answer_check(prompt_text, completion_text)`` judges a pick."""
     samples = Samples(prompts=prompt_ids, sequences=result.all_sequences, lengths=result.all_lengths,
                       token_logprobs=result.all_token_logprobs, pad_token_id=pad_token_id)
     texts = samples.texts(tokenizer)
-    correct = torch.tensor([[check(prompt, text) for text in row] for prompt, row in zip(prompt_texts, texts,
-                                                                                           strict=True)])
+    correct = torch.tensor([[answer_check(prompt, text) for text in row]
+                            for prompt, row in zip(prompt_texts, texts, strict=True)])
     scores = {}
-    for rule, score in rule_scores(tokenizer).items():
+    for rule, score in (rules if rules is not None else rule_scores(tokenizer)).items():
         _, picks = select_topk(compute_scores(score, samples).cpu(), 1)  # the selection generate itself uses
         scores[rule] = correct.gather(1, picks).float().mean().item()
     return scores
@@ -167,7 +169,14 @@ def plot(rows, path, title) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--search" in argv:
+        from .demo_search import main as search_main
+
+        return search_main([arg for arg in argv if arg != "--search"])
     parser = argparse.ArgumentParser(prog="fastbon demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--search", action="store_true",
+                        help="instead: search vs best-of-n on the chain model (fastbon demo --search --help)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_PROBLEMS} problems, n in {QUICK_NS} (under a minute on a CPU; what CI runs)")
     parser.add_argument("--problems", type=int, default=None,

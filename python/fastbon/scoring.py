@@ -185,3 +185,34 @@ def majority(extract: Callable, tokenizer, weighted: bool = False) -> Callable:
         return _with_logprob_tiebreak(values.to(samples.lengths.device), samples)
 
     return score
+
+
+def step_checker(steps_correct: Callable, tokenizer, wrong_step_logweight: float = math.log(1e-3)) -> Callable:
+    """Log-weights [B, n] for search (particle filtering, beam search, pruning) from a step-by-step checker.
+
+    ``steps_correct(prompt_text, completion_text)`` judges the steps a partial completion has finished so far
+    and returns ``(steps judged, steps right, ...)`` — e.g. :func:`fastbon.models.chain.steps_correct`, a
+    calculator on ``a+b=c`` lines. Texts keep their special tokens, so a checker can tell a sample that ended
+    (``<eos>``) from one still being written. Each wrong step adds ``wrong_step_logweight``: finite, because a
+    search whose particles all weigh -inf has nothing to resample from; 0 when every step so far is right.
+    """
+    if not isinstance(wrong_step_logweight, (int, float)) or not -math.inf < wrong_step_logweight < 0:
+        raise ValueError(f"wrong_step_logweight must be a finite negative number, got {wrong_step_logweight!r}")
+
+    def score(samples: Samples) -> torch.Tensor:
+        prompts = tokenizer.batch_decode(samples.prompts, skip_special_tokens=True)
+        values = torch.zeros(samples.lengths.shape, dtype=torch.float64)
+        for prompt_index, row in enumerate(samples.completions()):
+            for sample_index, text in enumerate(tokenizer.batch_decode(row, skip_special_tokens=False)):
+                judged, right = steps_correct(prompts[prompt_index], text)[:2]
+                values[prompt_index, sample_index] = (judged - right) * wrong_step_logweight
+        return values.to(samples.lengths.device)
+
+    return score
+
+
+def mean_logprob_so_far(samples: Samples) -> torch.Tensor:
+    """The model's own step score, no checker: each partial sample's mean log-probability so far, [B, n].
+
+    The checker-free baseline for search: a log-weight that prefers the particles the model is surest of."""
+    return samples.mean_logprobs()

@@ -42,11 +42,14 @@ MAX_NEW_TOKENS = ANSWER_TOKENS
 EVAL_SEED, EVAL_PROBLEMS, EVAL_SAMPLES = 12345, 200, 16
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    characters: list[str] = TASK_CHARACTERS, model_max_length: int = 64
+) -> PreTrainedTokenizerFast:
     """One token per character; ``tokenizer(text)`` prepends <bos>, decoding concatenates characters."""
-    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + TASK_CHARACTERS)}
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + characters)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # "." alone skips newlines (Oniguruma has no dotall flag here), and the chain task writes one step per line.
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
     # Prompts always start with <bos>, in training and in generation, so the tokenizer adds it itself.
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
@@ -60,7 +63,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
-        model_max_length=64,
+        model_max_length=model_max_length,
     )
 
 
