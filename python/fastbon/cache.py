@@ -123,8 +123,11 @@ class SharedPrefixCache(Cache):
     ``layers[module.layer_idx]`` and runs ``plan(...)``: this batch's tree-attention plan.
     """
 
-    def __init__(self, levels: list, sample_to_prompt: torch.Tensor, max_new_tokens: int, backend: str | None = None):
-        """``levels``: the prefill's ``PrefixLevel``s, root first; ``sample_to_prompt``: each sample row's prompt."""
+    def __init__(self, levels: list, sample_to_prompt: torch.Tensor, max_new_tokens: int, backend: str | None = None,
+                 first_capacity: int = SUFFIX_BLOCK):
+        """``levels``: the prefill's ``PrefixLevel``s, root first; ``sample_to_prompt``: each sample row's prompt;
+        ``first_capacity``: the suffix positions allocated at the start (a search that forks every few tokens
+        asks for that many)."""
         self.backend = backend
         self.level_lens = [level.lens.to(torch.int32) for level in levels]
         self.level_segments = torch.stack([level.prompt_segment[sample_to_prompt.long()] for level in levels]).to(
@@ -134,7 +137,7 @@ class SharedPrefixCache(Cache):
         self.forked_tokens = 0  # tokens per row held by the fork levels (before the current suffix)
         self.position = torch.zeros(1, dtype=torch.int64, device=sample_to_prompt.device)  # suffix_length, on device
         self.max_new_tokens = max_new_tokens
-        self.suffix_capacity = min(SUFFIX_BLOCK, max_new_tokens)
+        self.suffix_capacity = min(first_capacity, max_new_tokens)
         self.attention_calls = 0  # layers served by fastbon's attention: the decode loop checks the routing with it
         self._plans = {}
         num_samples = sample_to_prompt.shape[0]

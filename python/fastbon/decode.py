@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import hf
-from .cache import SharedPrefixCache
+from .cache import SUFFIX_BLOCK, SharedPrefixCache
 from .compiled import bucket_rows, compiled_forward
 from .memory import wave_rows
 from .ops.sampling import SamplingParams, sample_implementation
@@ -105,16 +105,17 @@ class _Run:
     """One decode: the cache, the live rows and the result buffers (which grow with the steps taken)."""
 
     def __init__(self, model, prefilled, prompts, sample_ids, params: SamplingParams, settings: DecodeSettings,
-                 stats: dict):
+                 stats: dict, first_capacity: int = SUFFIX_BLOCK):
         """``prefilled``: what ``prefill`` returned; ``sample_ids``: the samples (of all B·n, prompt-major) this run
-        decodes, with their sampling ``params``."""
+        decodes, with their sampling ``params``; ``first_capacity``: the suffix positions allocated at the start."""
         self.model, self.settings, self.stats = model, settings, stats
         self.device = params.seed.device
         self.num_prompts, self.n = len(prompts), settings.n
         num_samples = sample_ids.shape[0]
         self.logits = prefilled.logits
         sample_to_prompt = sample_ids // settings.n
-        self.cache = SharedPrefixCache(prefilled.levels, sample_to_prompt, settings.max_new_tokens, settings.backend)
+        self.cache = SharedPrefixCache(prefilled.levels, sample_to_prompt, settings.max_new_tokens, settings.backend,
+                                       first_capacity)
         self.sample = sample_implementation(self.device, settings.backend, self.logits.dtype)
         self.row_index = sample_to_prompt  # step 0 samples every sample of a prompt from the prompt's row
         seen = None
@@ -227,6 +228,22 @@ class _Run:
     def keep_rows(self, rows):
         self.batch.select(rows)
         self.cache.select_samples(rows)
+
+    def fork(self, parent_rows: torch.Tensor, capacity: int) -> None:
+        """Each row becomes a child of row ``parent_rows[j]`` (int64 [rows], on the device): it takes the parent's
+        tokens and log-probs so far, its state and its KV path (shared, not copied: ``SharedPrefixCache.fork``),
+        and keeps its own sampling seed, so the children of one parent diverge from here on."""
+        batch = self.batch
+        slots, parent_slots = batch.sample_ids, batch.sample_ids[parent_rows]
+        for name in ("tokens", "logprobs", "lengths", "finish_reasons"):
+            buffer = getattr(self, name)
+            buffer[slots] = buffer[parent_slots]
+        batch.token, batch.finished = batch.token[parent_rows], batch.finished[parent_rows]
+        batch.next_position = batch.next_position[parent_rows]
+        if batch.seen is not None:
+            batch.seen = batch.seen[parent_rows]
+        self.cache.fork(parent_rows, capacity)
+        self.peak_suffix_bytes = max(self.peak_suffix_bytes, self.cache.nbytes()[1])
 
     def samples_so_far(self, sample_ids, prompts):
         ids = sample_ids.view(self.num_prompts, -1)

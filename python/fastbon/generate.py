@@ -162,25 +162,33 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
                               repetition_penalty=float(repetition_penalty), compile=compile)
     stats = {}
     with torch.no_grad():
-        run = decode(model, prompts, params, settings, stats, max_memory)
-        samples = Samples(prompts=[prompt.to(device) for prompt in prompts],
-                          sequences=run.tokens.view(num_prompts, n, -1), lengths=run.lengths.view(num_prompts, n),
-                          token_logprobs=run.logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
-        finish_reasons = run.finish_reasons.masked_fill(run.pruned, PRUNED)
-        finish_reasons = finish_reasons.view(num_prompts, n)
-        # A pruned sample is unfinished: it ranks below every sample that ran to the end.
-        scores = compute_scores(score, samples).masked_fill(run.pruned.view(num_prompts, n), float("-inf"))
-        best_scores, best = select_topk(scores, k, backend=backend)
+        output = decode(model, prompts, params, settings, stats, max_memory)
+        return select_best(output, prompts, n, score, k, return_all, backend, pad_token_id, stats)
 
-        def pick(values):
-            index = best.view(num_prompts, k, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
-            return values.gather(1, index)
 
-        result = GenerationResult(sequences=pick(samples.sequences), lengths=pick(samples.lengths),
-                                  scores=best_scores, token_logprobs=pick(samples.token_logprobs), indices=best,
-                                  finish_reasons=pick(finish_reasons), stats=stats)
-        if return_all:
-            result.all_sequences, result.all_lengths = samples.sequences, samples.lengths
-            result.all_scores, result.all_token_logprobs = scores, samples.token_logprobs
-            result.all_finish_reasons = finish_reasons
+def select_best(output, prompts: list, n: int, score, k: int, return_all: bool, backend, pad_token_id: int,
+                stats: dict) -> GenerationResult:
+    """The call's ``GenerationResult`` from the decode's per-sample output (``decode.DecodeOutput``, prompt-major):
+    every sample scored, the best k per prompt selected on the device."""
+    num_prompts = len(prompts)
+    device = output.tokens.device
+    samples = Samples(prompts=[prompt.to(device) for prompt in prompts],
+                      sequences=output.tokens.view(num_prompts, n, -1), lengths=output.lengths.view(num_prompts, n),
+                      token_logprobs=output.logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
+    finish_reasons = output.finish_reasons.masked_fill(output.pruned, PRUNED).view(num_prompts, n)
+    # A pruned sample is unfinished: it ranks below every sample that ran to the end.
+    scores = compute_scores(score, samples).masked_fill(output.pruned.view(num_prompts, n), float("-inf"))
+    best_scores, best = select_topk(scores, k, backend=backend)
+
+    def pick(values):
+        index = best.view(num_prompts, k, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
+        return values.gather(1, index)
+
+    result = GenerationResult(sequences=pick(samples.sequences), lengths=pick(samples.lengths), scores=best_scores,
+                              token_logprobs=pick(samples.token_logprobs), indices=best,
+                              finish_reasons=pick(finish_reasons), stats=stats)
+    if return_all:
+        result.all_sequences, result.all_lengths = samples.sequences, samples.lengths
+        result.all_scores, result.all_token_logprobs = scores, samples.token_logprobs
+        result.all_finish_reasons = finish_reasons
     return result
