@@ -8,7 +8,7 @@ import torch
 
 from fastbon.models import CHAIN_MODEL_DIR, load_chain_model
 from fastbon.models.chain import check, extract_answer, make_problems, operands, solution, steps_correct, verify
-from fastbon.scoring import Samples, mean_logprob_so_far, step_checker
+from fastbon.scoring import Samples, decode_keeping_special_tokens, mean_logprob_so_far, step_checker
 
 MAX_MODEL_BYTES = 20 * 1024 * 1024
 PROMPT = "37+48+91="
@@ -134,3 +134,10 @@ def test_shipped_chain_model_greedy_steps_are_mostly_right(chain_model):
         right, judged = right + correct, judged + steps
     # Trained to be right at most steps, not all (TRAINING.txt): greedy is its best guess at every line.
     assert judged > 0 and right / judged >= 0.7, (right, judged)
+
+
+def test_the_checkers_fast_decode_gives_what_batch_decode_gives(chain_model):
+    _, tokenizer = chain_model
+    rows = [tokenizer("37+48=85\n85+9", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], [],
+            [tokenizer.bos_token_id, tokenizer.pad_token_id]]
+    assert decode_keeping_special_tokens(tokenizer, rows) == tokenizer.batch_decode(rows, skip_special_tokens=False)

