@@ -3,5 +3,6 @@
 from .attention import shared_prefix_attention
 from .sampling import sample
 from .topk import select_topk
+from .tree_attention import tree_attention
 
-__all__ = ["sample", "select_topk", "shared_prefix_attention"]
+__all__ = ["sample", "select_topk", "shared_prefix_attention", "tree_attention"]
