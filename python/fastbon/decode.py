@@ -5,6 +5,7 @@ The host reads the device only at sync points (every ``SYNC_EVERY`` steps, and a
 """
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -325,7 +326,11 @@ def decode(model, prompts: list, params: SamplingParams, settings: DecodeSetting
         raise MemoryError(f"pruning ranks all n={settings.n} samples of a prompt together, and only {rows_per_wave} "
                           f"of the {num_samples} rows fit in max_memory={estimate['budget']} bytes at once")
     hf.route_attention(model.config._attn_implementation)
+    start = time.perf_counter()
     prefilled = prefill(model, prompts, settings.pad_token_id, device, stats)
+    if device.type == "cuda":  # one sync per call, so the prefill's time is its own
+        torch.cuda.synchronize(device)
+    stats["prefill_seconds"] = time.perf_counter() - start
     stats["prefix_kv_bytes"] = prefilled.nbytes()
     device_prompts = [prompt.to(device) for prompt in prompts]
     output, steps, generated, peak = None, 0, 0, 0
