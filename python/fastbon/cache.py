@@ -171,12 +171,10 @@ class SharedPrefixCache(Cache):
         return plan
 
     def _replan(self) -> None:
-        """The structure changed: the plans of the shapes seen so far are made again now, outside any compiled step."""
-        shapes = list(self._plans)
-        self._plans = {}
-        for num_q_heads, num_kv_heads, head_dim, dtype in shapes:
-            like = torch.empty((0, num_kv_heads, 0, head_dim), dtype=dtype, device=self.level_segments.device)
-            self.plan(num_q_heads, like)
+        """The structure changed: the plans of the shapes seen so far are updated now, in place and outside any
+        compiled step."""
+        for plan in self._plans.values():
+            plan.update(self.level_lens, self.level_segments, self.suffix_capacity)
 
     def reserve(self) -> bool:
         """Room for the next step's key: doubles the suffix capacity (capped at what max_new_tokens leaves) when

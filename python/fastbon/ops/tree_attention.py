@@ -48,20 +48,23 @@ class TreePlan:
 
     def __init__(self, level_lens: list, level_segments: torch.Tensor, suffix_capacity: int, num_q_heads: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, backend=None):
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.backend = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
+        if self.backend in TREE_BACKENDS:
+            self._module = _backend_module(self.backend)
+        else:  # cuda or a registered backend: its two-level kernel, for one-level trees without features
+            self._two_level = dispatch.implementation("shared_prefix_attention", self.backend)
+        self.update(level_lens, level_segments, suffix_capacity)
+
+    def update(self, level_lens: list, level_segments: torch.Tensor, suffix_capacity: int) -> None:
+        """Plan a changed batch in place (the same object: a compiled decode step keeps its graph)."""
         self.level_lens = [lens.to(torch.int32).contiguous() for lens in level_lens]
         self.level_segments = level_segments.to(torch.int32).contiguous()
         self.num_levels, self.num_rows = self.level_segments.shape
         self.suffix_capacity = suffix_capacity
-        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
-        self.dtype, self.device = dtype, device
-        self.backend = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
         self._fallback = None
-        if self.backend in TREE_BACKENDS:
-            self._module = _backend_module(self.backend)
-            self.state = self._module.plan_tree(self)
-        else:  # cuda or a registered backend: its two-level kernel, for one-level trees without features
-            self._two_level = dispatch.implementation("shared_prefix_attention", self.backend)
-            self.state = None
+        self.state = self._module.plan_tree(self) if self.backend in TREE_BACKENDS else None
 
     def _fallback_plan(self) -> "TreePlan":
         if self._fallback is None:
@@ -76,7 +79,7 @@ class TreePlan:
         q [N, Hq, D]; level_keys/values per level [S_l, Hkv, C_l, D]; suffix_k/v [N, Hkv, C, D] with C the plan's
         suffix_capacity; suffix_lens int32 [N]. Returns [N, Hq, D] in q's dtype (a buffer of the plan on the cpu
         backend: valid until the next run)."""
-        if self.state is not None or self.backend in TREE_BACKENDS:
+        if self.backend in TREE_BACKENDS:
             return self._module.tree_attention(self, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens,
                                                scale, window, softcap, sinks)
         if self.num_levels == 1 and window is None and softcap is None and sinks is None:
