@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 
@@ -37,15 +38,17 @@ STEP_TOKENS = 2 * (DEFAULT_MAX_DIGITS + 1) + DEFAULT_MAX_DIGITS + 3
 COMPLETION_TOKENS = STEP_TOKENS * (DEFAULT_MAX_OPERANDS - 1) + 4
 
 _PROMPT_PATTERN = re.compile(r"(\d+(?:\+\d+)+)=$")
-_LINE_PATTERN = re.compile(r"(\d+)\+(\d+)=(\d+)")
+# Numbers without leading zeros: "085" would be a right value written the wrong way.
+_LINE_PATTERN = re.compile(r"(0|[1-9]\d*)\+(0|[1-9]\d*)=(0|[1-9]\d*)")
 
 
-def operands(prompt_text: str) -> list[int]:
+@functools.lru_cache(maxsize=4096)  # search checks each prompt's n particles at every checkpoint
+def operands(prompt_text: str) -> tuple[int, ...]:
     """The numbers of a chain prompt such as ``"37+48+91="`` (a leading ``<bos>`` is allowed)."""
     match = _PROMPT_PATTERN.search(prompt_text)
     if match is None:
         raise ValueError(f"prompt_text is not a chain prompt like '37+48+91=': {prompt_text!r}")
-    return [int(number) for number in match.group(1).split("+")]
+    return tuple(int(number) for number in match.group(1).split("+"))
 
 
 def make_problem(
@@ -121,8 +124,6 @@ def steps_correct(prompt_text: str, completion_text: str) -> tuple[int, int, int
         if match is not None and index + 1 < len(numbers):
             left, operand, result = (int(group) for group in match.groups())
             ok = left == previous and operand == numbers[index + 1] and result == left + operand
-            # No leading zeros: "085" would be a right number written the wrong way.
-            ok = ok and all(group == str(int(group)) for group in match.groups())
             previous = result
         if ok:
             right += 1
