@@ -15,7 +15,7 @@ left truncation, ``think_end_token``; sampling kwargs through the HF drop-in's c
 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``; anything else away from HF's default
 raises, naming it). The log-likelihood methods are HF's own. Extra ``model_args``: ``fastbon_seed`` (an int: each
 document's samples then depend only on it, the context and the kwargs — never on batching; default: torch's seed),
-``fastbon_backend``.
+``fastbon_backend``, ``fastbon_compile`` (the decode step under torch.compile, ``fastbon.generate(compile=True)``).
 """
 
 import hashlib
@@ -44,11 +44,14 @@ def _document_seed(seed: int, key: str) -> int:
 class FastbonLM(HFLM):
     """``HFLM`` whose ``generate_until`` draws each document's ``repeats`` samples in one shared-prefix call."""
 
-    def __init__(self, *args, fastbon_seed=None, fastbon_backend=None, **kwargs):
+    def __init__(self, *args, fastbon_seed=None, fastbon_backend=None, fastbon_compile=False, **kwargs):
         if fastbon_seed is not None and (isinstance(fastbon_seed, bool) or not isinstance(fastbon_seed, int)):
             raise TypeError(f"fastbon_seed must be an int or None, got {type(fastbon_seed).__name__}")
+        if not isinstance(fastbon_compile, bool):
+            raise TypeError(f"fastbon_compile must be a bool, got {type(fastbon_compile).__name__}")
         super().__init__(*args, **kwargs)
         self.fastbon_seed, self.fastbon_backend = fastbon_seed, fastbon_backend
+        self.fastbon_compile = fastbon_compile
 
     def _request_settings(self, gen_kwargs: dict, eos: str, context_length: int) -> tuple[dict, list]:
         """(fastbon.generate keywords, stop strings) for one request's kwargs, as HF's class reads them."""
@@ -117,7 +120,8 @@ class FastbonLM(HFLM):
         with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
             result = fastbon_generate(self.model, [prompt.to(self.device) for prompt in prompts],
-                                      k=1, return_all=True, seed=seeds, backend=self.fastbon_backend, **settings)
+                                      k=1, return_all=True, seed=seeds, backend=self.fastbon_backend,
+                                      compile=self.fastbon_compile, **settings)
         sequences, lengths = result.all_sequences.tolist(), result.all_lengths.tolist()
         texts = []
         for row in range(len(prompts)):

@@ -33,7 +33,7 @@ from .transformers import generation_settings, merged_generation_config
 
 # What a caller may set over the trainer's settings (rollout_func's keywords, FastbonGeneration.fastbon_sampling).
 SETTINGS = frozenset({"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_new_tokens", "stop_strings",
-                      "backend"})
+                      "backend", "compile"})
 
 
 def _check_overrides(overrides: dict) -> dict:
