@@ -51,6 +51,10 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     return out
 
 
+# The cpu plan's workspace holds a partial per suffix chunk: it is made again when the suffix buffers grow.
+SUFFIX_SIZED_PLAN = True
+
+
 class _CpuTreeState:
     """The cpu backend's plan: positions and work items from the C++ planner, the workspaces and the output
     buffer every layer's run reuses."""

@@ -187,7 +187,8 @@ class SharedPrefixCache(Cache):
         self.suffix_capacity = min(2 * self.suffix_capacity, room)
         for layer in self.layers:
             layer.resize_suffix(None, self.suffix_length, self.suffix_capacity)
-        self._replan()
+        for plan in self._plans.values():
+            plan.grow_suffix(self.suffix_capacity)
         return True
 
     def advance(self) -> None:

@@ -228,8 +228,9 @@ def _demo(args, count, ns) -> int:
           f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_chain to add "
           "chains of numbers one step per line (no download)")
     print(f"task:  {count} chain problems of {args.operands[0]}-{args.operands[1]} operands with "
-          f"{args.digits[0]}-{args.digits[1]} digits (seed {args.seed}); temperature 1, top_k=0, up to {COMPLETION_TOKENS} new "
-          f"tokens, on {args.device} ({args.threads} CPU thread{'s' if args.threads > 1 else ''}); "
+          f"{args.digits[0]}-{args.digits[1]} digits (seed {args.seed}); temperature 1, top_k=0, "
+          f"up to {COMPLETION_TOKENS} new tokens, on {args.device} "
+          f"({args.threads} CPU thread{'s' if args.threads > 1 else ''}); "
           f"search checkpoints every {args.every} tokens; accuracy = final sum right (answer key)")
     if search is None:
         print("note:  fastbon.search is not available: particle filtering and beam search rows are skipped")

@@ -66,6 +66,14 @@ class TreePlan:
         self._fallback = None
         self.state = self._module.plan_tree(self) if self.backend in TREE_BACKENDS else None
 
+    def grow_suffix(self, capacity: int) -> None:
+        """The suffix buffers grew to ``capacity`` positions: only a backend whose plan sizes its workspace by them
+        (``SUFFIX_SIZED_PLAN``: the cpu one) plans again; the others keep their plan, with no host read."""
+        self.suffix_capacity = capacity
+        self._fallback = None
+        if self.backend in TREE_BACKENDS and getattr(self._module, "SUFFIX_SIZED_PLAN", False):
+            self.state = self._module.plan_tree(self)
+
     def _fallback_plan(self) -> "TreePlan":
         if self._fallback is None:
             fallback = "triton" if dispatch.unavailable_reason("triton", self.device) is None else "torch"
