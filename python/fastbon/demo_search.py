@@ -68,12 +68,12 @@ def final_verifier(tokenizer):
                     tokenizer)
 
 
-def timed(call, *args, **kwargs):
-    """(what ``call(*args, **kwargs)`` returns, its wall seconds), the device synchronised on both sides."""
-    _synchronize("cuda" if torch.cuda.is_available() else "cpu")
+def timed(device, call, *args, **kwargs):
+    """(what ``call(*args, **kwargs)`` returns, its wall seconds), ``device`` synchronised on both sides."""
+    _synchronize(device)
     start = time.perf_counter()
     result = call(*args, **kwargs)
-    _synchronize("cuda" if torch.cuda.is_available() else "cpu")
+    _synchronize(device)
     return result, time.perf_counter() - start
 
 
@@ -114,14 +114,14 @@ def run_demo(model, tokenizer, problems, ns, seed, every=DEFAULT_EVERY, progress
         call(prompt_ids[:2])
     rows = []
     for n in ns:
-        result, seconds = timed(generate, model, prompt_ids, n=n, max_new_tokens=COMPLETION_TOKENS, temperature=1.0,
-                                top_k=0, seed=seed, return_all=True)
+        result, seconds = timed(device, generate, model, prompt_ids, n=n, max_new_tokens=COMPLETION_TOKENS,
+                                temperature=1.0, top_k=0, seed=seed, return_all=True)
         tokens = int(result.stats["tokens_generated"])
         picked = accuracies(result, prompt_ids, prompt_texts, tokenizer, tokenizer.pad_token_id, rules, check)
         # One call, re-ranked four ways: every best-of-n row shares its tokens and its time.
         rows += [row(f"best_of_n/{rule}", n, problems, picked[rule], tokens, seconds) for rule in BEST_OF_N_RULES]
         for method, call in search_methods(model, tokenizer, n, seed, every).items():
-            result, seconds = timed(call, prompt_ids)
+            result, seconds = timed(device, call, prompt_ids)
             rows.append(row(method, n, problems, best_accuracy(result, prompt_texts, tokenizer),
                             int(result.stats["tokens_generated"]), seconds))
         if progress:
