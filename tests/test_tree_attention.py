@@ -94,9 +94,9 @@ def test_oracle_matches_sdpa_without_features():
     q, levels, suffix_k, suffix_v, suffix_lens = random_tree(0, 3, dtype=torch.float64)
     expected = path_sdpa(q, levels, suffix_k, suffix_v, suffix_lens)
     for i in range(q.shape[0]):
-        keys = torch.cat([k[int(s[i]), :, :int(l[int(s[i])])] for k, _, l, s in levels] +
+        keys = torch.cat([k[int(s[i]), :, :int(lens[int(s[i])])] for k, _, lens, s in levels] +
                          [suffix_k[i, :, :int(suffix_lens[i])]], dim=1).repeat_interleave(2, dim=0)
-        values = torch.cat([v[int(s[i]), :, :int(l[int(s[i])])] for _, v, l, s in levels] +
+        values = torch.cat([v[int(s[i]), :, :int(lens[int(s[i])])] for _, v, lens, s in levels] +
                            [suffix_v[i, :, :int(suffix_lens[i])]], dim=1).repeat_interleave(2, dim=0)
         if keys.shape[1]:
             out = F.scaled_dot_product_attention(q[i, :, None], keys, values)[:, 0]

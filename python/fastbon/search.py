@@ -68,7 +68,8 @@ def _check_search(every, step_score, max_new_tokens):
     if every < 1:
         raise ValueError(f"every must be >= 1, got {every}")
     if not callable(step_score):
-        raise TypeError(f"step_score must be a callable taking fastbon.scoring.Samples, got {type(step_score).__name__}")
+        raise TypeError(f"step_score must be a callable taking fastbon.scoring.Samples, got "
+                        f"{type(step_score).__name__}")
 
 
 def _search(model, input_ids, width, choose, *, step_score, every, temperature, top_k, top_p, min_p, max_new_tokens,

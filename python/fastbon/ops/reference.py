@@ -148,7 +148,8 @@ def tree_attention(plan, q, level_keys, level_values, suffix_k, suffix_v, suffix
             scores, lambda probs, v=stored_values: torch.einsum("nhgt,nhtd->nhgd", probs, v))
         out, lse = merge_states(out, lse, level_out, level_lse)
     if sinks is not None:
-        out, _ = merge_states(out, lse, torch.zeros_like(out), sinks.to(work).view(1, num_kv_heads, group).expand_as(lse))
+        sink_lse = sinks.to(work).view(1, num_kv_heads, group).expand_as(lse)
+        out, _ = merge_states(out, lse, torch.zeros_like(out), sink_lse)
     return out.reshape(num_rows, num_q_heads, head_dim).to(q.dtype)
 
 
