@@ -62,7 +62,7 @@ def resample_parents(weights: torch.Tensor, method: str, generator: torch.Genera
     return torch.searchsorted(cumulative, points, right=True).clamp(max=n - 1)
 
 
-def _check_search(every, step_score, max_new_tokens):
+def _check_search(every, step_score):
     if isinstance(every, bool) or not isinstance(every, int):
         raise TypeError(f"every must be an int, got {type(every).__name__}")
     if every < 1:
@@ -74,8 +74,9 @@ def _check_search(every, step_score, max_new_tokens):
 
 def _search(model, input_ids, width, choose, *, step_score, every, temperature, top_k, top_p, min_p, max_new_tokens,
             eos_token_id, seed, attention_mask, backend, score, k, return_all, max_memory, what):
-    """The decode loop with checkpoints: ``choose(weights, run) -> parents`` [B, width] (local indices) at each."""
-    _check_search(every, step_score, max_new_tokens)
+    """The decode loop with checkpoints: at each, ``choose(weights, finished, generator) -> parents`` [B, width]
+    (each new row's parent among its prompt's rows) and a fork."""
+    _check_search(every, step_score)
     _check_settings(width, k, max_new_tokens, score if score is not None else "mean_logprob", None, return_all,
                     "raw", 1.0)
     parse_budget(max_memory)
