@@ -43,6 +43,17 @@ class PrefixLevel:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
+class _Cursor:
+    """Where the next step's keys go, shared by the cache and its layers. A separate object, so the layers hold no
+    reference back to the cache: a finished cache and its buffers are freed at once, not by the cycle collector
+    (waves under a memory budget rely on it)."""
+
+    def __init__(self, max_new_tokens: int, device):
+        self.suffix_length = 0
+        self.position = torch.zeros(1, dtype=torch.int64, device=device)  # suffix_length, on device
+        self.max_new_tokens = max_new_tokens
+
+
 def _suffix_buffer(num_samples: int, like: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.empty((num_samples, like.shape[1], capacity, like.shape[3]), dtype=like.dtype, device=like.device)
 
@@ -53,13 +64,12 @@ class SharedPrefixLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, level_keys: list, level_values: list, num_samples: int, capacity: int,
-                 owner: "SharedPrefixCache"):
+    def __init__(self, level_keys: list, level_values: list, num_samples: int, capacity: int, cursor: _Cursor):
         super().__init__()
         self.level_keys, self.level_values = list(level_keys), list(level_values)
         self.suffix_keys = _suffix_buffer(num_samples, level_keys[0], capacity)
         self.suffix_values = _suffix_buffer(num_samples, level_values[0], capacity)
-        self.owner = owner
+        self.cursor = cursor
         # (window, softcap, sinks) of this layer's attention in the op's form: set by fastbon.hf on the first call.
         self.attention_features = None
         self.is_initialized = True
@@ -71,8 +81,8 @@ class SharedPrefixLayer(CacheLayerMixin):
         """Write this step's key/value [N, Hkv, 1, D] at the current suffix position; attention reads the buffers
         through the cache (``fastbon.hf``), so what is returned is only what HF's signature asks for."""
         # The position as a tensor, not a Python int: a compiled decode step then runs every step unchanged.
-        self.suffix_keys.index_copy_(2, self.owner.position, key_states)
-        self.suffix_values.index_copy_(2, self.owner.position, value_states)
+        self.suffix_keys.index_copy_(2, self.cursor.position, key_states)
+        self.suffix_values.index_copy_(2, self.cursor.position, value_states)
         return self.suffix_keys, self.suffix_values
 
     def key_capacity(self) -> int:
@@ -80,10 +90,10 @@ class SharedPrefixLayer(CacheLayerMixin):
         return sum(keys.shape[2] for keys in self.level_keys)
 
     def get_seq_length(self) -> int:
-        return self.key_capacity() + self.owner.suffix_length
+        return self.key_capacity() + self.cursor.suffix_length
 
     def get_max_length(self) -> int:
-        return self.key_capacity() + self.owner.max_new_tokens
+        return self.key_capacity() + self.cursor.max_new_tokens
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -133,19 +143,27 @@ class SharedPrefixCache(Cache):
         self.level_segments = torch.stack([level.prompt_segment[sample_to_prompt.long()] for level in levels]).to(
             torch.int32)
         self.prefill_levels = len(levels)
-        self.suffix_length = 0
+        self.cursor = _Cursor(max_new_tokens, sample_to_prompt.device)
+        self.position = self.cursor.position  # the same tensor, advanced in place
         self.forked_tokens = 0  # tokens per row held by the fork levels (before the current suffix)
-        self.position = torch.zeros(1, dtype=torch.int64, device=sample_to_prompt.device)  # suffix_length, on device
         self.max_new_tokens = max_new_tokens
         self.suffix_capacity = min(first_capacity, max_new_tokens)
         self.attention_calls = 0  # layers served by fastbon's attention: the decode loop checks the routing with it
         self._plans = {}
         num_samples = sample_to_prompt.shape[0]
         layers = [SharedPrefixLayer([level.keys[index] for level in levels], [level.values[index] for level in levels],
-                                    num_samples, self.suffix_capacity, self)
+                                    num_samples, self.suffix_capacity, self.cursor)
                   for index in range(len(levels[0].keys))]
         super().__init__(layers=layers)
         self._refresh_lengths()
+
+    @property
+    def suffix_length(self) -> int:
+        return self.cursor.suffix_length
+
+    @suffix_length.setter
+    def suffix_length(self, value: int) -> None:
+        self.cursor.suffix_length = value
 
     @property
     def num_samples(self) -> int:
