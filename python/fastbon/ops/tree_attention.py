@@ -55,6 +55,7 @@ class TreePlan:
             self._module = _backend_module(self.backend)
         else:  # cuda or a registered backend: its two-level kernel, for one-level trees without features
             self._two_level = dispatch.implementation("shared_prefix_attention", self.backend)
+        self._fallback = None  # the plan of the backend that serves the calls this one declines, once one came
         self.update(level_lens, level_segments, suffix_capacity)
 
     def update(self, level_lens: list, level_segments: torch.Tensor, suffix_capacity: int) -> None:
@@ -63,16 +64,18 @@ class TreePlan:
         self.level_segments = level_segments.to(torch.int32).contiguous()
         self.num_levels, self.num_rows = self.level_segments.shape
         self.suffix_capacity = suffix_capacity
-        self._fallback = None
         self.state = self._module.plan_tree(self) if self.backend in TREE_BACKENDS else None
+        if self._fallback is not None:  # kept, and planned in place too, like this plan
+            self._fallback.update(level_lens, level_segments, suffix_capacity)
 
     def grow_suffix(self, capacity: int) -> None:
         """The suffix buffers grew to ``capacity`` positions: only a backend whose plan sizes its workspace by them
         (``SUFFIX_SIZED_PLAN``: the cpu one) plans again; the others keep their plan, with no host read."""
         self.suffix_capacity = capacity
-        self._fallback = None
         if self.backend in TREE_BACKENDS and getattr(self._module, "SUFFIX_SIZED_PLAN", False):
             self.state = self._module.plan_tree(self)
+        if self._fallback is not None:
+            self._fallback.grow_suffix(capacity)
 
     def _fallback_plan(self) -> "TreePlan":
         if self._fallback is None:
