@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastbon.models import CHAIN_MODEL_DIR
 from fastbon.models.chain import (
@@ -35,31 +35,13 @@ from fastbon.models.chain import (
     make_problems,
     steps_correct,
 )
-from fastbon.models.train_default import TASK_CHARACTERS, build_tokenizer, cpu_model_name, pass_at
+from fastbon.models.train_default import TASK_CHARACTERS, build_model, build_tokenizer, cpu_model_name, pass_at
 
 CHARACTERS = TASK_CHARACTERS + ["\n"]
 MAX_POSITIONS = 128
 # Held-out problems from their own seed, never trained on; periodic evaluations use the first few of them.
 EVAL_SEED, EVAL_PROBLEMS, EVAL_SAMPLES = 12345, 200, 8
 PERIODIC_EVAL_PROBLEMS, PERIODIC_EVAL_SAMPLES = 64, 4
-
-
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
 
 
 def training_batch(
@@ -144,7 +126,7 @@ def train(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     tokenizer = build_tokenizer(CHARACTERS, MAX_POSITIONS)
-    model = build_model(tokenizer, args.seed)
+    model = build_model(tokenizer, args.seed, MAX_POSITIONS)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     # Constant after warm-up, as in train_default: an N-step run is the first N steps of a longer one.
