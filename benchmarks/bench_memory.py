@@ -58,7 +58,9 @@ def run_once(kind, shape, max_new_tokens, n, prompt_len, max_memory=None, eos_ra
                 longest=int(result.lengths.max()), mean=generated / n, waves=result.stats["waves"],
                 generated_kv_mb=generated * _kv_bytes_per_token(model) / 2**20,
                 prefix_kv_mb=result.stats["prefix_kv_bytes"] / 2**20,
-                ms_per_token=1000 * seconds / max(1, result.stats["tokens_generated"]),
+                # Per token of the output: tokens decoded again after a preemption count as cost, not output.
+                ms_per_token=1000 * seconds / max(1, generated), decoded=result.stats["tokens_generated"],
+                preempted=result.stats["preempted"],
                 sequences=result.sequences[0].tolist())
 
 
@@ -76,7 +78,8 @@ def follow(shape, n=32, prompt_len=64, long=100_000, short=2_000, eos_rate=1 / 3
                                             prompt_len=prompt_len, eos_rate=eos_rate)
         print(f"max_new_tokens={tokens}: {run['seconds']:.2f} s, {run['generated']} tokens (mean {run['mean']:.0f}, "
               f"longest {run['longest']}), peak RSS growth {run['peak_mb']:.1f} MB, KV of the generated tokens "
-              f"{run['generated_kv_mb']:.1f} MB, {run['ms_per_token']:.3f} ms per generated token", flush=True)
+              f"{run['generated_kv_mb']:.1f} MB, {run['ms_per_token']:.3f} ms per generated token "
+              f"({run['waves']} wave(s), {run['preempted']} rows preempted)", flush=True)
     big = runs[long]
     print(f"peak RSS growth / (2 x generated KV + 256 MB) = {big['peak_mb'] / (2 * big['generated_kv_mb'] + 256):.2f}"
           f" (target <= 1); time per token {long} / {short}: {big['ms_per_token'] / runs[short]['ms_per_token']:.2f}x "
@@ -89,7 +92,8 @@ def budget(shape, n=1024, prompt_len=2048, new_tokens=64, max_memory="512MiB"):
                              max_memory=max_memory)
     unbounded = _in_subprocess(kind="budget", shape=shape, max_new_tokens=new_tokens, n=n, prompt_len=prompt_len)
     for name, run in (("max_memory=" + str(max_memory), bounded), ("unbounded", unbounded)):
-        print(f"{name}: {run['seconds']:.2f} s in {run['waves']} wave(s), peak RSS growth {run['peak_mb']:.1f} MB")
+        print(f"{name}: {run['seconds']:.2f} s in {run['waves']} wave(s) ({run['preempted']} rows preempted), "
+              f"peak RSS growth {run['peak_mb']:.1f} MB")
     print(f"equal results: {bounded['sequences'] == unbounded['sequences']}")
     return bounded, unbounded
 

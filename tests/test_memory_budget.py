@@ -1,11 +1,12 @@
-"""max_memory: waves of rows that share one prefill give the single-wave result; a call that cannot fit is refused
-with the numbers before the prefill."""
+"""max_memory: waves of rows that share one prefill, and rows preempted as the suffix grows, give the single-wave
+result; a call that cannot fit is refused with the numbers before the prefill."""
 
 import pytest
 import torch
 from hf_models import VOCAB, tiny_model
 
 import fastbon
+from fastbon.cache import SUFFIX_BLOCK
 from fastbon.memory import call_bytes, parse_budget
 
 
@@ -36,6 +37,28 @@ def test_waves_equal_one_wave_and_share_the_prefill():
     assert torch.equal(waves.all_finish_reasons, single.all_finish_reasons)
     assert torch.allclose(waves.all_token_logprobs, single.all_token_logprobs, atol=1e-5)
     assert torch.equal(waves.indices, single.indices)
+
+
+def test_rows_preempted_as_the_suffix_grows_give_the_one_wave_result():
+    """Rows are admitted by what they hold now (the first suffix block); when the suffix doubles past the budget the
+    newest samples are preempted and decoded again from the prompt in a later wave, with the same tokens."""
+    model = tiny_model("llama", eos_token_id=5)
+    prompts = _prompts()
+    settings = dict(n=8, k=3, max_new_tokens=150, temperature=1.0, top_p=0.9, seed=[4, 5], return_all=True)
+    single = fastbon.generate(model, prompts, **settings)
+    estimate = call_bytes(model, [prompt.numel() for prompt in prompts], 150)
+    fixed = estimate["prefix"] + estimate["prefill"]
+    budget = fixed + 6 * (SUFFIX_BLOCK * estimate["per_token"] + estimate["per_row_fixed"])
+    preempting = fastbon.generate(model, prompts, max_memory=budget, **settings)
+    assert single.stats["preempted"] == 0 and preempting.stats["preempted"] > 0
+    assert preempting.stats["waves"] >= 16 // 6 + 1
+    # What the rows held never passed the budget's room for them.
+    assert preempting.stats["suffix_kv_bytes"] <= budget - fixed
+    assert torch.equal(preempting.all_sequences, single.all_sequences)
+    assert torch.equal(preempting.all_lengths, single.all_lengths)
+    assert torch.equal(preempting.all_finish_reasons, single.all_finish_reasons)
+    assert torch.allclose(preempting.all_token_logprobs, single.all_token_logprobs, atol=1e-5)
+    assert torch.equal(preempting.indices, single.indices)
 
 
 def test_a_call_that_cannot_fit_is_refused_before_the_prefill():

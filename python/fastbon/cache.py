@@ -194,15 +194,22 @@ class SharedPrefixCache(Cache):
         for plan in self._plans.values():
             plan.update(self.level_lens, self.level_segments, self.suffix_capacity)
 
+    def is_full(self) -> bool:
+        """Whether the next step's key needs the suffix to grow (``reserve``)."""
+        return self.suffix_length >= self.suffix_capacity
+
+    def grown_capacity(self) -> int:
+        """The suffix capacity ``reserve`` grows to: double, capped at what max_new_tokens leaves."""
+        return min(2 * self.suffix_capacity, self.max_new_tokens - self.forked_tokens)
+
     def reserve(self) -> bool:
-        """Room for the next step's key: doubles the suffix capacity (capped at what max_new_tokens leaves) when
-        full. Returns whether it grew (the only time the suffix bytes rise)."""
-        if self.suffix_length < self.suffix_capacity:
+        """Room for the next step's key: grows the suffix to ``grown_capacity()`` when full. Returns whether it grew
+        (the only time the suffix bytes rise)."""
+        if not self.is_full():
             return False
-        room = self.max_new_tokens - self.forked_tokens
-        if self.suffix_length >= room:
+        if self.suffix_length >= self.max_new_tokens - self.forked_tokens:
             raise RuntimeError(f"the cache holds max_new_tokens={self.max_new_tokens} positions already")
-        self.suffix_capacity = min(2 * self.suffix_capacity, room)
+        self.suffix_capacity = self.grown_capacity()
         for layer in self.layers:
             layer.resize_suffix(None, self.suffix_length, self.suffix_capacity)
         for plan in self._plans.values():

@@ -13,7 +13,7 @@ import torch
 from . import hf
 from .cache import SUFFIX_BLOCK, SharedPrefixCache
 from .compiled import bucket_rows, compiled_forward
-from .memory import wave_rows
+from .memory import Budget, call_budget
 from .ops.sampling import SamplingParams, sample_implementation
 from .ops.topk import select_topk
 from .prefill import prefill
@@ -106,10 +106,11 @@ class _Run:
     """One decode: the cache, the live rows and the result buffers (which grow with the steps taken)."""
 
     def __init__(self, model, prefilled, prompts, sample_ids, params: SamplingParams, settings: DecodeSettings,
-                 stats: dict, first_capacity: int = SUFFIX_BLOCK):
+                 stats: dict, first_capacity: int = SUFFIX_BLOCK, budget: Budget | None = None):
         """``prefilled``: what ``prefill`` returned; ``sample_ids``: the samples (of all B·n, prompt-major) this run
-        decodes, with their sampling ``params``; ``first_capacity``: the suffix positions allocated at the start."""
-        self.model, self.settings, self.stats = model, settings, stats
+        decodes, with their sampling ``params``; ``first_capacity``: the suffix positions allocated at the start;
+        ``budget``: when given, rows past what it holds are preempted as the suffix grows (``preempt_past``)."""
+        self.model, self.settings, self.stats, self.budget = model, settings, stats, budget
         self.device = params.seed.device
         self.num_prompts, self.n = len(prompts), settings.n
         num_samples = sample_ids.shape[0]
@@ -136,6 +137,7 @@ class _Run:
         self.pruned = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
         self.not_finite = torch.zeros((), dtype=torch.bool, device=self.device)
         self.candidates = torch.arange(num_samples, device=self.device)  # samples not pruned: what pruning ranks
+        self.preempted = []  # rows (of this run) that left unfinished, to be decoded again in a later wave
         self.eos = torch.tensor(settings.eos_ids, dtype=torch.int64, device=self.device)
         self.steps = self.checked_steps = self.tokens_generated = 0
         self.peak_suffix_bytes = self.cache.nbytes()[1]  # rises only when reserve() grows the buffers or a fork
@@ -146,6 +148,8 @@ class _Run:
     def _forward(self):
         """One decode step of the model over the live rows: logits [rows, V]."""
         batch, cache = self.batch, self.cache
+        if self.budget is not None and cache.is_full():
+            self.preempt_past(self.budget.rows_fitting(cache.grown_capacity()))
         if cache.reserve():
             self.peak_suffix_bytes = max(self.peak_suffix_bytes, cache.nbytes()[1])
         inputs = dict(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
@@ -226,6 +230,28 @@ class _Run:
         self.finish_reasons[samples] = STOP
         batch.finished[row_index] = True
 
+    def preempt_past(self, fitting: int) -> None:
+        """Before the suffix grows: when more than ``fitting`` rows would hold it, finished rows leave first, then
+        the newest samples past ``fitting`` are preempted. They are decoded again from the prompt in a later wave
+        and give the same tokens (a sample depends only on its own seed and history); the first row always stays,
+        so every wave finishes at least one sample."""
+        batch = self.batch
+        if batch.sample_ids.shape[0] <= fitting:
+            return
+        live = (~batch.finished).nonzero().flatten()  # a host sync, only when the budget binds
+        if live.numel() > fitting:
+            self.preempted.append(batch.sample_ids[live[fitting:]])
+            self.stats["preempted"] = self.stats.get("preempted", 0) + live.numel() - fitting
+            live = live[:fitting]
+        self.keep_rows(live if live.numel() else batch.rows[:1])  # all finished: one row stays until the sync
+
+    def finished_rows(self) -> torch.Tensor:
+        """This run's rows whose samples are final (all but the preempted), in order."""
+        done = torch.ones(self.lengths.shape[0], dtype=torch.bool, device=self.device)
+        for rows in self.preempted:
+            done[rows] = False
+        return done.nonzero().flatten()
+
     def keep_rows(self, rows):
         self.batch.select(rows)
         self.cache.select_samples(rows)
@@ -271,8 +297,8 @@ class _Run:
         self.candidates = kept
 
 
-def _scatter(output: DecodeOutput | None, run: _Run, sample_ids, num_samples: int, pad_token_id: int):
-    """The run's rows stored at ``sample_ids`` of the call's output (created, or widened, as the runs need)."""
+def _scatter(output: DecodeOutput | None, run: _Run, rows, sample_ids, num_samples: int, pad_token_id: int):
+    """The run's ``rows`` stored at ``sample_ids`` of the call's output (created, or widened, as the runs need)."""
     steps = run.steps
     if output is None:
         device = run.device
@@ -283,10 +309,10 @@ def _scatter(output: DecodeOutput | None, run: _Run, sample_ids, num_samples: in
                               pruned=torch.zeros(num_samples, dtype=torch.bool, device=device))
     if steps > output.tokens.shape[1]:
         output.tokens, output.logprobs = _widen(output.tokens, steps, pad_token_id), _widen(output.logprobs, steps, 0.0)
-    output.tokens[sample_ids, :steps] = run.tokens[:, :steps]
-    output.logprobs[sample_ids, :steps] = run.logprobs[:, :steps]
-    output.lengths[sample_ids], output.finish_reasons[sample_ids] = run.lengths, run.finish_reasons
-    output.pruned[sample_ids] = run.pruned
+    output.tokens[sample_ids, :steps] = run.tokens[rows, :steps]
+    output.logprobs[sample_ids, :steps] = run.logprobs[rows, :steps]
+    output.lengths[sample_ids], output.finish_reasons[sample_ids] = run.lengths[rows], run.finish_reasons[rows]
+    output.pruned[sample_ids] = run.pruned[rows]
     return output
 
 
@@ -317,14 +343,18 @@ def _decode_rows(run: _Run, prompts: list) -> None:
 def decode(model, prompts: list, params: SamplingParams, settings: DecodeSettings, stats: dict,
            max_memory=None) -> DecodeOutput:
     """Prefill once, then sample n continuations per prompt in lockstep (``prompts``: B 1-D CPU id tensors), in
-    waves of rows when all of them would not fit in ``max_memory`` (``fastbon.memory``)."""
+    waves of rows when all of them do not fit in ``max_memory`` (``fastbon.memory``): a wave admits the rows that
+    fit now, and rows preempted as the suffixes grow go first into the next one."""
     device = params.seed.device
     num_samples = len(prompts) * settings.n
-    rows_per_wave, estimate = wave_rows(model, [prompt.numel() for prompt in prompts], settings.n,
-                                        settings.max_new_tokens, max_memory, device)
+    budget = call_budget(model, [prompt.numel() for prompt in prompts], settings.max_new_tokens, max_memory, device)
+    # Pruning ranks a prompt's samples together, so they cannot be preempted: admitted by the worst case.
+    admit_capacity = settings.max_new_tokens if settings.prune is not None else min(SUFFIX_BLOCK,
+                                                                                     settings.max_new_tokens)
+    rows_per_wave = min(num_samples, budget.rows_fitting(admit_capacity))
     if rows_per_wave < num_samples and settings.prune is not None:
         raise MemoryError(f"pruning ranks all n={settings.n} samples of a prompt together, and only {rows_per_wave} "
-                          f"of the {num_samples} rows fit in max_memory={estimate['budget']} bytes at once")
+                          f"of the {num_samples} rows fit in max_memory={budget.budget} bytes at once")
     hf.route_attention(model.config._attn_implementation)
     start = time.perf_counter()
     prefilled = prefill(model, prompts, settings.pad_token_id, device, stats)
@@ -333,15 +363,20 @@ def decode(model, prompts: list, params: SamplingParams, settings: DecodeSetting
     stats["prefill_seconds"] = time.perf_counter() - start
     stats["prefix_kv_bytes"] = prefilled.nbytes()
     device_prompts = [prompt.to(device) for prompt in prompts]
-    output, steps, generated, peak = None, 0, 0, 0
-    for start in range(0, num_samples, rows_per_wave):
-        sample_ids = torch.arange(start, min(start + rows_per_wave, num_samples), device=device)
-        run = _Run(model, prefilled, device_prompts, sample_ids, params.select(sample_ids), settings, stats)
+    output, steps, generated, peak, waves = None, 0, 0, 0, 0
+    pending = torch.arange(num_samples, device=device)  # ascending: preempted samples rejoin ahead of the rest
+    while pending.numel():
+        sample_ids, pending = pending[:rows_per_wave], pending[rows_per_wave:]
+        run = _Run(model, prefilled, device_prompts, sample_ids, params.select(sample_ids), settings, stats,
+                   budget=None if settings.prune is not None else budget)
         _decode_rows(run, device_prompts)
-        output = _scatter(output, run, sample_ids, num_samples, settings.pad_token_id)
+        done = run.finished_rows()
+        output = _scatter(output, run, done, sample_ids[done], num_samples, settings.pad_token_id)
+        if run.preempted:
+            pending = torch.cat([sample_ids[torch.cat(run.preempted).sort().values], pending])
         steps, generated = max(steps, run.steps), generated + run.tokens_generated
-        peak = max(peak, run.peak_suffix_bytes)
+        peak, waves = max(peak, run.peak_suffix_bytes), waves + 1
         del run  # its buffers are freed here, before the next wave's are allocated (cache._Cursor: no cycle)
-    stats.update(decode_steps=steps, tokens_generated=generated, suffix_kv_bytes=peak,
-                 waves=-(-num_samples // rows_per_wave))
+    stats.update(decode_steps=steps, tokens_generated=generated, suffix_kv_bytes=peak, waves=waves,
+                 preempted=stats.get("preempted", 0))
     return output

@@ -134,8 +134,10 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
             completes it is kept whole (as Hugging Face does), nothing after it. Needs ``tokenizer``.
         repetition_penalty: Hugging Face's repetition penalty over prompt + generated tokens (1 = off).
         max_memory: the bytes this call may use beyond the model (an int or "512MiB"; default 90 % of what the
-            device has free). Past it the samples decode in waves that share the prefill (same results); a call
-            that cannot fit even one sample is refused with the numbers before the prefill (``fastbon.memory``).
+            device has free). Rows are admitted by what they hold now; when the suffixes would grow past it the
+            newest samples are preempted and decoded again in a later wave that shares the prefill (same results);
+            a call that cannot fit even one sample is refused with the numbers before the prefill
+            (``fastbon.memory``).
         compile: run the decode steps under ``torch.compile`` (``fastbon.compiled``): same tokens as eager; the
             first call of each shape pays the compile time (``stats["compile_seconds"]``), later calls reuse it.
 

@@ -1,16 +1,18 @@
-"""The memory budget of a call: its bytes estimated before any allocation, and the decode split into waves of
-rows that fit.
+"""The memory budget of a call: its bytes estimated before any allocation, the rows admitted to decode together,
+and the rows preempted when the suffixes grow past it.
 
 Bytes of a call, from the model's config (weights are already resident and not counted):
   prefix      every prompt's KV, stored once: sum_b len_b x kv_bytes_per_token (+ the prefill's own cache)
   prefill     the largest prefill forward's activations (rows x width x (hidden, MLP and eager-attention terms))
-  per row     what one decoding sample can hold: its suffix KV at max_new_tokens (the worst case: memory grows with
-              the tokens, but a sample may not stop early), its result columns, its logits row and the sampler's
-              workspace over the vocabulary, and one layer's activations
-When prefix + prefill + all rows exceed the budget, the rows decode in waves of as many as fit, every wave reading
-the same prefill and prefix KV (the prompts are not prefilled again); each sample's tokens depend only on its own
-seed and history, so the waves give the single-wave result. When not even one row fits, the call is refused with
-the numbers before the prefill.
+  per row     what one decoding sample holds at a suffix capacity of C positions: C x (its KV + its result token
+              and log-prob columns), plus its logits row, the sampler's workspace over the vocabulary and one
+              layer's activations
+Memory follows the tokens generated, so rows are admitted by what they hold now (the first suffix block), not by
+``max_new_tokens``. When the suffix is about to double past the budget, finished rows leave first, then the
+newest samples are preempted: they decode again from the prompt in a later wave (``Budget.rows_fitting``). Every
+wave reads the same prefill and prefix KV (the prompts are not prefilled again), and a sample's tokens depend only
+on its own seed and history, so any split into waves gives the single-wave result. A call whose one row at
+``max_new_tokens`` cannot fit is refused with the numbers before the prefill.
 """
 
 import re
@@ -62,7 +64,9 @@ def _config_sizes(model) -> dict:
 
 
 def call_bytes(model, prompt_lengths: list, max_new_tokens: int) -> dict:
-    """The estimate (bytes): ``prefix``, ``prefill`` (peak activations of one prefill forward) and ``per_row``."""
+    """The estimate (bytes): ``prefix``, ``prefill`` (peak activations of one prefill forward), ``per_token`` and
+    ``per_row_fixed`` (a row at a suffix capacity of C holds C x per_token + per_row_fixed) and ``per_row`` (a
+    row at max_new_tokens)."""
     sizes = _config_sizes(model)
     kv, element, vocab = sizes["kv_bytes_per_token"], sizes["element"], sizes["vocab"]
     prefix = kv * len(prompt_lengths) * max(prompt_lengths) + kv * min(BUCKET_TOKENS, sum(prompt_lengths))
@@ -71,25 +75,38 @@ def call_bytes(model, prompt_lengths: list, max_new_tokens: int) -> dict:
     per_token_activation = (8 * sizes["hidden"] + 3 * sizes["intermediate"]) * element
     attention_scores = sizes["heads"] * chunk * max(prompt_lengths) * 4  # eager / math attention's [H, q, k] scores
     prefill_peak = tokens * per_token_activation + min(len(prompt_lengths), tokens // chunk + 1) * attention_scores
-    per_row = (max_new_tokens * (kv + 16)  # suffix KV + result token and log-prob columns
-               + 6 * vocab * 4  # the logits row, its float32 copy and the sampler's / log-softmax workspace
-               + per_token_activation)
-    return dict(prefix=prefix, prefill=prefill_peak + len(prompt_lengths) * vocab * 4, per_row=per_row)
+    per_token = kv + 16  # suffix KV + result token and log-prob columns
+    # The logits row, its float32 copy and the sampler's / log-softmax workspace, and one layer's activations.
+    per_row_fixed = 6 * vocab * 4 + per_token_activation
+    return dict(prefix=prefix, prefill=prefill_peak + len(prompt_lengths) * vocab * 4, per_token=per_token,
+                per_row_fixed=per_row_fixed, per_row=max_new_tokens * per_token + per_row_fixed)
 
 
-def wave_rows(model, prompt_lengths: list, n: int, max_new_tokens: int, max_memory, device) -> tuple[int, dict]:
-    """(rows decoded together, the estimate). All B·n rows when they fit; otherwise as many as fit."""
+class Budget:
+    """A call's budget against its estimate: how many rows fit at a given suffix capacity."""
+
+    def __init__(self, budget: int, estimate: dict):
+        self.budget, self.estimate = budget, estimate
+        self.fixed = estimate["prefix"] + estimate["prefill"]
+
+    def rows_fitting(self, capacity: int) -> int:
+        """The rows whose suffixes of ``capacity`` positions fit beside the prefix and prefill."""
+        room = self.budget - self.fixed
+        return max(0, room // (capacity * self.estimate["per_token"] + self.estimate["per_row_fixed"]))
+
+
+def call_budget(model, prompt_lengths: list, max_new_tokens: int, max_memory, device) -> Budget:
+    """The call's ``Budget`` (``max_memory``, or by default a share of what the device has free). Refuses, before
+    any allocation, a call in which not even one row reaching ``max_new_tokens`` fits."""
     budget = parse_budget(max_memory)
     if budget is None:
         budget = int(DEFAULT_SHARE * free_bytes(device))
     estimate = call_bytes(model, prompt_lengths, max_new_tokens)
-    fixed = estimate["prefix"] + estimate["prefill"]
-    rows = (budget - fixed) // estimate["per_row"] if budget > fixed else 0
-    estimate.update(budget=budget, rows=len(prompt_lengths) * n)
-    if rows < 1:
+    fits = Budget(budget, estimate)
+    if fits.rows_fitting(max_new_tokens) < 1:
         mib = 2**20
         raise MemoryError(
             f"this call cannot fit in max_memory={budget / mib:.1f} MiB: the prompts' KV and prefill need "
-            f"{fixed / mib:.1f} MiB and each decoding sample up to {estimate['per_row'] / mib:.1f} MiB "
+            f"{fits.fixed / mib:.1f} MiB and each decoding sample up to {estimate['per_row'] / mib:.1f} MiB "
             f"(max_new_tokens={max_new_tokens}); raise max_memory, or lower max_new_tokens or the prompts' lengths")
-    return int(min(rows, len(prompt_lengths) * n)), estimate
+    return fits

@@ -17,7 +17,7 @@ import torch
 from . import hf
 from .decode import SYNC_EVERY, DecodeOutput, DecodeSettings, _Run
 from .generate import GenerationResult, _check_settings, check_seed, sample_seeds, select_best
-from .memory import parse_budget, wave_rows
+from .memory import call_budget, parse_budget
 from .ops.sampling import sampling_params
 from .ops.topk import select_topk
 from .prefill import prefill
@@ -88,12 +88,12 @@ def _search(model, input_ids, width, choose, *, step_score, every, temperature, 
     check_seed(seed, num_prompts)
     hf.check_model(model, max(prompt.numel() for prompt in prompts) + max_new_tokens)
     # Every row of a prompt is ranked against the others at each checkpoint: they must decode together.
-    fitting, estimate = wave_rows(model, [prompt.numel() for prompt in prompts], width, max_new_tokens, max_memory,
-                                  device)
+    budget = call_budget(model, [prompt.numel() for prompt in prompts], max_new_tokens, max_memory, device)
+    fitting = budget.rows_fitting(max_new_tokens)
     if fitting < num_rows:
         raise MemoryError(f"{what} = {width} rows per prompt x {num_prompts} prompts = {num_rows} rows must decode "
-                          f"together, and only {fitting} fit in max_memory={estimate['budget'] / 2**20:.1f} MiB "
-                          f"(each up to {estimate['per_row'] / 2**20:.1f} MiB); lower them or max_new_tokens")
+                          f"together, and only {fitting} fit in max_memory={budget.budget / 2**20:.1f} MiB "
+                          f"(each up to {budget.estimate['per_row'] / 2**20:.1f} MiB); lower them or max_new_tokens")
     params = sampling_params(num_rows, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                              seed=sample_seeds(seed, num_prompts, width).to(device))
     settings = DecodeSettings(n=width, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
