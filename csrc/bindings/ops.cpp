@@ -161,6 +161,23 @@ void sample_cpu(const at::Tensor& logits, const at::Tensor& row_index, const at:
               op_threads());
 }
 
+void skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const at::Tensor& out) {
+  const auto dtype = x.scalar_type();
+  check_tensor(x, "x", x, 2, dtype);
+  check_tensor(weight, "weight", x, 2, dtype);
+  check_tensor(out, "out", x, 2, dtype);
+  TORCH_CHECK(weight.size(1) == x.size(1) && out.size(0) == x.size(0) && out.size(1) == weight.size(0),
+              "fastbon: x [rows, in], weight [out, in], out [rows, out] shapes");
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", x, 1, dtype);
+    TORCH_CHECK(bias->size(0) == weight.size(0), "fastbon: bias must have one element per row of weight");
+  }
+  cpu::skinny_linear(dtype_of(x, "x", {DType::kFloat32, DType::kBFloat16, DType::kFloat16}), x.data_ptr(),
+                     weight.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, out.data_ptr(), x.size(0),
+                     weight.size(0), x.size(1), op_threads());
+}
+
 void select_topk_cpu(const at::Tensor& scores, int64_t k, const at::Tensor& values, const at::Tensor& indices) {
   check_topk_arguments(scores, k, values, indices);
   cpu::select_topk(dtype_of(scores, "scores", {DType::kFloat32, DType::kFloat64}), scores.data_ptr(), scores.size(0),
@@ -198,6 +215,7 @@ TORCH_LIBRARY(fastbon, m) {
       "sample_out(Tensor logits, Tensor row_index, Tensor temperature, Tensor top_k, Tensor top_p, Tensor min_p, "
       "Tensor seed, Tensor step, Tensor(a!) tokens, Tensor(b!) logprobs) -> ()");
   m.def("select_topk_out(Tensor scores, int k, Tensor(a!) values, Tensor(b!) indices) -> ()");
+  m.def("skinny_linear_out(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) out) -> ()");
   m.def("philox_uniform(Tensor seed, Tensor step) -> Tensor");
 }
 
@@ -207,6 +225,7 @@ TORCH_LIBRARY_IMPL(fastbon, CPU, m) {
   m.impl("tree_attention_out", &tree_attention_cpu);
   m.impl("sample_out", &sample_cpu);
   m.impl("select_topk_out", &select_topk_cpu);
+  m.impl("skinny_linear_out", &skinny_linear_cpu);
   m.impl("philox_uniform", &philox_uniform_cpu);
 }
 

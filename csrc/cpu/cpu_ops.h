@@ -59,6 +59,11 @@ void sample(DType dtype, const void* logits, int64_t vocab, const int64_t* row_i
             const int32_t* top_k, const float* top_p, const float* min_p, const int64_t* seed, const int64_t* step,
             int64_t num_rows, int64_t* tokens, float* logprobs, int num_threads);
 
+// y [rows, out_features] = x [rows, in_features] · weight [out_features, in_features]ᵀ (+ bias [out_features], or
+// nullptr), all of `dtype` (float32, bfloat16 or float16), accumulated in float32: the few rows of a decode step.
+void skinny_linear(DType dtype, const void* x, const void* weight, const void* bias, void* y, int64_t rows,
+                   int64_t out_features, int64_t in_features, int num_threads);
+
 // scores [B, n] float32/float64 -> values [B, k] (same dtype), indices int64 [B, k].
 void select_topk(DType dtype, const void* scores, int64_t num_rows, int64_t n, int64_t k, void* values,
                  int64_t* indices, int num_threads);

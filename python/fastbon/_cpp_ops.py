@@ -2,7 +2,7 @@
 
 Importing ``fastbon._C`` registers ``torch.ops.fastbon.*`` (out-variant schemas; CPU kernels, and CUDA kernels when
 built with CUDA). This module registers their fake kernels, so a decode step traces under ``torch.compile``, and
-exposes the three contract functions (see ``fastbon.ops.reference``), which allocate outputs with
+exposes the contract functions (see ``fastbon.ops.reference``), which allocate outputs with
 ``fastbon.ops._alloc.new_output`` and run the op on the inputs' device.
 """
 
@@ -33,6 +33,11 @@ def _(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, l
 
 @torch.library.register_fake("fastbon::select_topk_out")
 def _(scores, k, values, indices):
+    return None
+
+
+@torch.library.register_fake("fastbon::skinny_linear_out")
+def _(x, weight, bias, out):
     return None
 
 
@@ -99,6 +104,14 @@ def select_topk(scores, k):
     indices = new_output((scores.shape[0], k), torch.int64, scores.device)
     _ops.select_topk_out(scores, k, values, indices)
     return values, indices
+
+
+def skinny_linear(x, weight, bias=None):
+    """x [rows, in] · weight [out, in]ᵀ (+ bias [out]), all contiguous and of one dtype (float32, bfloat16 or
+    float16): out [rows, out]."""
+    out = new_output((x.shape[0], weight.shape[0]), x.dtype, x.device)
+    _ops.skinny_linear_out(x, weight, bias, out)
+    return out
 
 
 def philox_uniform(seed, step):

@@ -4,6 +4,7 @@ The host reads the device only at sync points (every ``SYNC_EVERY`` steps, and a
 "all finished" and "NaN seen" flags, stop strings, and finished rows leaving the batch.
 """
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -144,6 +145,8 @@ class _Run:
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
         self.cache_argument = hf.cache_argument(model)
         self.compiled = compiled_forward(model) if settings.compile else None
+        # The eager steps' linear layers: fastbon's skinny kernel on CPU (hf.SkinnyLinears), else the model's own.
+        self.linears = hf.skinny_linears(model, settings.backend)
 
     def _forward(self):
         """One decode step of the model over the live rows: logits [rows, V]."""
@@ -157,7 +160,8 @@ class _Run:
                       **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
         # The first decode step runs eagerly: it checks that every attention layer is fastbon's.
         if self.compiled is None or self.steps == 1:
-            logits = self.model(**inputs).logits[:, -1]
+            with self.linears or contextlib.nullcontext():
+                logits = self.model(**inputs).logits[:, -1]
         else:
             logits = self.compiled(self.stats, (batch.sample_ids.shape[0], cache.suffix_capacity), **inputs)
             logits = logits.logits[:, -1]

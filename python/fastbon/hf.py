@@ -5,6 +5,7 @@ forward. Every attention implementation transformers knows ("sdpa", "eager", "fl
 once, process-wide, by a router that runs fastbon's shared-prefix decode attention when the forward was given a
 ``SharedPrefixCache`` as ``shared_prefix_cache=`` (only fastbon's decode steps pass one) and the wrapped function
 otherwise. So fastbon's calls and HF's own on one model, from any number of threads, never see each other.
+The model's linear layers are routed the same way, per forward and per thread (``SkinnyLinears``).
 """
 
 import functools
@@ -12,10 +13,12 @@ import inspect
 import threading
 
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import capabilities
+from .ops.skinny_linear import DEFAULT_DTYPES, SKINNY_ROWS, resolve as resolve_skinny
 from .ops.attention import attention_features
 
 CACHE_KWARG = "shared_prefix_cache"
@@ -88,6 +91,61 @@ def _router(wrapped):
         functools.update_wrapper(route, wrapped)
     route.fastbon_routes = wrapped
     return route
+
+
+_LINEAR = torch.nn.functional.linear
+
+
+class SkinnyLinears(TorchFunctionMode):
+    """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products of at most
+    ``SKINNY_ROWS`` rows run ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for
+    every row, instead of torch's BLAS GEMM (2-3x slower at these shapes here: benchmarks/RESULTS.md).
+
+    A torch function mode holds for the thread that entered it only: another thread's forward on the same model
+    (Hugging Face's own generate) is not touched, and nothing about the model changes. A product the kernel does
+    not take (more rows, another dtype or device, a tensor subclass, one that needs a gradient) runs unchanged.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _LINEAR:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if _kernel_takes(x, weight, bias):
+                from . import _cpp_ops
+
+                flat = x.reshape(-1, x.shape[-1])
+                out = _cpp_ops.skinny_linear(flat if flat.is_contiguous() else flat.contiguous(), weight, bias)
+                return out.view(*x.shape[:-1], weight.shape[0])
+        return func(*args, **kwargs)
+
+
+def _kernel_takes(x, weight, bias) -> bool:
+    """Whether the cpu skinny kernel computes ``linear(x, weight, bias)`` exactly as asked (cheap checks only: this
+    runs for every linear layer of every decode step)."""
+    if type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    if x.device.type != "cpu" or x.dtype not in DEFAULT_DTYPES or weight.dtype != x.dtype:
+        return False
+    if x.dim() < 2 or weight.dim() != 2 or not weight.is_contiguous() or x.shape[-1] != weight.shape[1] \
+            or x.shape[-1] == 0 or not 0 < x.numel() <= SKINNY_ROWS * x.shape[-1]:
+        return False
+    if bias is not None and (type(bias) not in (torch.Tensor, torch.nn.Parameter) or bias.dtype != x.dtype
+                             or bias.dim() != 1 or not bias.is_contiguous()):
+        return False
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    return not (needs_grad and torch.is_grad_enabled())
+
+
+def skinny_linears(model, backend: str | None) -> SkinnyLinears | None:
+    """The mode for a decode step of ``model`` when its products go to the cpu kernel (``backend`` None or "cpu",
+    after FASTBON_BACKEND; CPU weights of a dtype it takes), else None: the model's own products."""
+    weight = model.get_output_embeddings().weight
+    if backend not in (None, "cpu"):
+        return None
+    if resolve_skinny(weight.device, weight.dtype, 1, backend) != "cpu":
+        return None
+    return SkinnyLinears()
 
 
 _ROUTING_LOCK = threading.Lock()

@@ -2,7 +2,8 @@
 
 from .attention import shared_prefix_attention
 from .sampling import sample
+from .skinny_linear import skinny_linear
 from .topk import select_topk
 from .tree_attention import tree_attention
 
-__all__ = ["sample", "select_topk", "shared_prefix_attention", "tree_attention"]
+__all__ = ["sample", "select_topk", "shared_prefix_attention", "skinny_linear", "tree_attention"]
