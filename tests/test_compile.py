@@ -1,5 +1,5 @@
 """``compile=True``: the decode step under torch.compile gives the eager path's tokens, with fastbon's attention
-inside the graph (no graph break), and later calls of the same shapes reuse the compiled step."""
+and linear layers inside the graph (no graph break), and later calls of the same shapes reuse the compiled step."""
 
 import pytest
 import torch
@@ -27,9 +27,12 @@ def test_compiled_decode_equals_eager(backend):
     assert torch.equal(compiled.finish_reasons, eager.finish_reasons)
     assert (compiled.finish_reasons == fastbon.FINISH_REASONS.index("eos")).any(), "rows must finish mid-run"
     assert torch.allclose(compiled.token_logprobs, eager.token_logprobs, atol=1e-5)
-    again = fastbon.generate(model, prompts, compile=True, **settings)
+    with torch.profiler.profile() as profile:
+        again = fastbon.generate(model, prompts, compile=True, **settings)
     assert "compile_seconds" not in again.stats, "the same shapes reuse the compiled step"
     assert torch.equal(again.sequences, eager.sequences)
+    ran = {event.key for event in profile.key_averages()}
+    assert ("fastbon::skinny_linear_out" in ran) == (backend == "cpu"), "the compiled steps' linear layers"
 
 
 def test_compile_must_be_a_bool():

@@ -145,7 +145,7 @@ class _Run:
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
         self.cache_argument = hf.cache_argument(model)
         self.compiled = compiled_forward(model) if settings.compile else None
-        # The eager steps' linear layers: fastbon's skinny kernel on CPU (hf.SkinnyLinears), else the model's own.
+        # The steps' linear layers: fastbon's skinny kernel on CPU (hf.SkinnyLinears), else the model's own.
         self.linears = hf.skinny_linears(model, settings.backend)
 
     def _forward(self):
@@ -159,12 +159,12 @@ class _Run:
                       attention_mask=batch.decode_mask, use_cache=True,
                       **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
         # The first decode step runs eagerly: it checks that every attention layer is fastbon's.
-        if self.compiled is None or self.steps == 1:
-            with self.linears or contextlib.nullcontext():
+        with self.linears or contextlib.nullcontext():  # compiled too: dynamo traces the mode into the graph
+            if self.compiled is None or self.steps == 1:
                 logits = self.model(**inputs).logits[:, -1]
-        else:
-            logits = self.compiled(self.stats, (batch.sample_ids.shape[0], cache.suffix_capacity), **inputs)
-            logits = logits.logits[:, -1]
+            else:
+                logits = self.compiled(self.stats, (batch.sample_ids.shape[0], cache.suffix_capacity), **inputs)
+                logits = logits.logits[:, -1]
         if self.steps == 1 and cache.attention_calls != len(cache.layers):
             raise RuntimeError(f"model type {self.model.config.model_type!r}: {cache.attention_calls} of "
                                f"{len(cache.layers)} attention layers ran through transformers' AttentionInterface; "

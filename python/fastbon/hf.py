@@ -107,17 +107,23 @@ class SkinnyLinears(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # Every torch call of the forward passes through here: the common case returns first.
+        if func is not _LINEAR:
+            return func(*args) if not kwargs else func(*args, **kwargs)
         kwargs = kwargs or {}
-        if func is _LINEAR:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if _kernel_takes(x, weight, bias):
-                from . import _cpp_ops
+        x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        if not _kernel_takes(x, weight, bias):
+            return func(*args, **kwargs)
+        flat = x.reshape(-1, x.shape[-1])
+        out = _skinny_kernel()(flat if flat.is_contiguous() else flat.contiguous(), weight, bias)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
-                flat = x.reshape(-1, x.shape[-1])
-                out = _cpp_ops.skinny_linear(flat if flat.is_contiguous() else flat.contiguous(), weight, bias)
-                return out.view(*x.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
+
+def _skinny_kernel():
+    from . import _cpp_ops  # imported on first use: fastbon.hf imports without the extension
+
+    return _cpp_ops.skinny_linear
 
 
 def _kernel_takes(x, weight, bias) -> bool:
