@@ -10,6 +10,7 @@ The model's linear layers are routed the same way, per forward and per thread (`
 
 import functools
 import inspect
+import os
 import threading
 
 import torch
@@ -18,8 +19,8 @@ from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import capabilities
-from .ops.skinny_linear import DEFAULT_DTYPES, SKINNY_ROWS, resolve as resolve_skinny
 from .ops.attention import attention_features
+from .ops.skinny_linear import DEFAULT_DTYPES, SKINNY_ROWS, cpu_reason
 
 CACHE_KWARG = "shared_prefix_cache"
 EAGER = "eager"  # not in transformers' registry: each modeling file has its own eager_attention_forward
@@ -144,14 +145,14 @@ def _kernel_takes(x, weight, bias) -> bool:
 
 
 def skinny_linears(model, backend: str | None) -> SkinnyLinears | None:
-    """The mode for a decode step of ``model`` when its products go to the cpu kernel (``backend`` None or "cpu",
-    after FASTBON_BACKEND; CPU weights of a dtype it takes), else None: the model's own products."""
+    """The mode for a decode step of ``model`` when its products go to the cpu kernel: the call's backend (``backend``,
+    then FASTBON_BACKEND) is None or "cpu", and the weights are CPU tensors of a dtype it is picked for. Else None:
+    the model's own products (a backend forced for the three ops does not refuse a model over its linear layers)."""
+    requested = backend if backend is not None else os.environ.get("FASTBON_BACKEND") or None
     weight = model.get_output_embeddings().weight
-    if backend not in (None, "cpu"):
+    if requested not in (None, "cpu") or weight.dtype not in DEFAULT_DTYPES:
         return None
-    if resolve_skinny(weight.device, weight.dtype, 1, backend) != "cpu":
-        return None
-    return SkinnyLinears()
+    return SkinnyLinears() if cpu_reason(weight.device, weight.dtype, 1) is None else None
 
 
 _ROUTING_LOCK = threading.Lock()

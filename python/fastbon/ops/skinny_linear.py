@@ -6,8 +6,9 @@ products set the pace of the step, and the BLAS torch calls (MKL) runs them far 
 rows. ``fastbon.hf.SkinnyLinears`` routes the model's ``nn.Linear`` products to it inside fastbon's decode steps.
 
 Backends: ``torch`` (``torch.nn.functional.linear``, any device: the reference) and ``cpu`` (float32, bfloat16 and
-float16 CPU tensors, up to ``SKINNY_ROWS`` rows; picked by default for float32 and bfloat16). There is no triton or cuda kernel: on a GPU a skinny product is
-bound by streaming the weights, which cuBLAS already does, so CUDA tensors take torch's.
+float16 CPU tensors, up to ``SKINNY_ROWS`` rows; picked by default for float32 and bfloat16). There is no triton or
+cuda kernel: on a GPU a skinny product is bound by streaming the weights, which cuBLAS already does, so CUDA tensors
+take torch's.
 """
 
 import os
