@@ -100,7 +100,7 @@ _LINEAR = torch.nn.functional.linear
 class SkinnyLinears(TorchFunctionMode):
     """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products of at most
     ``SKINNY_ROWS`` rows run ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for
-    every row, instead of torch's BLAS GEMM (2-3x slower at these shapes here: benchmarks/RESULTS.md).
+    every row, instead of torch's BLAS GEMM (2-4x slower at these shapes here: benchmarks/RESULTS.md).
 
     A torch function mode holds for the thread that entered it only: another thread's forward on the same model
     (Hugging Face's own generate) is not touched, and nothing about the model changes. A product the kernel does
