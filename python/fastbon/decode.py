@@ -16,6 +16,7 @@ from .cache import SUFFIX_BLOCK, SharedPrefixCache
 from .compiled import bucket_rows, compiled_forward
 from .memory import Budget, call_budget
 from .ops.sampling import SamplingParams, sample_implementation
+from .ops.skinny_linear import SKINNY_ROWS
 from .ops.topk import select_topk
 from .prefill import prefill
 from .scoring import Pruning, Samples, compute_scores
@@ -159,7 +160,10 @@ class _Run:
                       attention_mask=batch.decode_mask, use_cache=True,
                       **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
         # The first decode step runs eagerly: it checks that every attention layer is fastbon's.
-        with self.linears or contextlib.nullcontext():  # compiled too: dynamo traces the mode into the graph
+        # Only batches the kernel takes enter the mode (compiled steps too: dynamo traces it into the graph); a wider
+        # batch runs exactly as without fastbon's linear routing.
+        linears = self.linears if batch.sample_ids.shape[0] <= SKINNY_ROWS else None
+        with linears or contextlib.nullcontext():
             if self.compiled is None or self.steps == 1:
                 logits = self.model(**inputs).logits[:, -1]
             else:
