@@ -84,7 +84,7 @@ def _extension_build():
 ext_modules, cmdclass = _extension_build()
 
 setup(
-    packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models"],
+    packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations"],
     package_dir={"fastbon": "python/fastbon", "fastbon.kernels": "kernels"},
     package_data={"fastbon.models": ["*/*.json", "*/*.safetensors", "*/*.txt"]},
     ext_modules=ext_modules,
