@@ -39,6 +39,19 @@ def test_waves_equal_one_wave_and_share_the_prefill():
     assert torch.equal(waves.indices, single.indices)
 
 
+def test_waves_of_any_width_give_the_bits_of_one_wave():
+    """80 rows in one wave, against waves of 32, 32 and 16: every product runs the fixed-order kernel whatever the
+    batch's width (torch's BLAS rounds narrow batches differently), so the log-probs match bit for bit."""
+    model = tiny_model("llama")
+    prompts = _prompts()
+    settings = dict(n=40, k=40, max_new_tokens=12, top_p=0.9, seed=[1, 2], return_all=True)
+    single = fastbon.generate(model, prompts, **settings)
+    waves = fastbon.generate(model, prompts, max_memory=_budget_for_rows(model, prompts, 12, 40), **settings)
+    assert single.stats["waves"] == 1 and waves.stats["waves"] == 3  # 40 rows fit: waves of whole 32s
+    assert torch.equal(waves.all_sequences, single.all_sequences)
+    assert torch.equal(waves.all_token_logprobs, single.all_token_logprobs)
+
+
 def test_rows_preempted_as_the_suffix_grows_give_the_one_wave_result():
     """Rows are admitted by what they hold now (the first suffix block); when the suffix doubles past the budget the
     newest samples are preempted and decoded again from the prompt in a later wave, with the same tokens."""

@@ -29,6 +29,8 @@ constexpr int kColBlock = 3;  // weight rows per tile: 4 x 3 accumulators + 4 x 
 // [512, 32000] product at 9 GB/s of weights; prefetching two tiles ahead (12 KB) brought it to 15 GB/s (a plain
 // sum of the same bytes reads 18 GB/s). Prefetches never fault, so reading past the last row is harmless.
 constexpr int64_t kPrefetchBytes = 12288;
+constexpr int64_t kRowChunk = 32;            // rows that share one pass over the weights from memory
+constexpr int64_t kPanelBytes = int64_t{1} << 17;  // weight rows kept in L2 while the row chunks pass over them
 
 // y[r, c] for Rows rows of x and Cols rows of w (both `depth` long, rows `depth` apart), y rows `ldy` apart.
 // Prefetch: this is the first tile to read these weight rows (the next tiles find them in L1).
@@ -106,10 +108,10 @@ FASTBON_INLINE void dot_columns(const float* x, int64_t rows, const T* w, const 
   }
 }
 
-// Output columns [first, last) of y: weight rows in blocks of kColBlock, the last block narrower.
+// Output columns [first, last) of y for the rows of x: weight rows in blocks of kColBlock, the last block narrower.
 template <typename T, int Lanes>
-FASTBON_INLINE void linear_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
-                                   int64_t depth, int64_t first, int64_t last, float* scratch) {
+FASTBON_INLINE void panel_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
+                                  int64_t depth, int64_t first, int64_t last, float* scratch) {
   auto at = [&](int64_t col) { return bias ? bias + col : nullptr; };
   int64_t col = first;
   for (; col + kColBlock <= last; col += kColBlock)
@@ -117,6 +119,27 @@ FASTBON_INLINE void linear_columns(const float* x, const T* w, const T* bias, T*
   static_assert(kColBlock == 3, "the remainder below covers widths 1 and 2");
   if (last - col == 2) dot_columns<T, 2, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
   if (last - col == 1) dot_columns<T, 1, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
+}
+
+// Output columns [first, last) of y. Up to kRowChunk rows, each weight row is streamed once for all of them. Wider
+// batches go in chunks of kRowChunk rows over panels of weight rows that stay in L2 (about kPanelBytes), so the
+// weights still come from memory once and each chunk's rows from L2. Every output is the same dot product, summed in
+// the same order, whatever the number of rows or the row's place in the batch: a sample's result does not depend on
+// which other samples share its batch (a call split into waves gives the bits of one wave).
+template <typename T, int Lanes>
+FASTBON_INLINE void linear_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
+                                   int64_t depth, int64_t first, int64_t last, float* scratch) {
+  if (rows <= kRowChunk) {
+    panel_columns<T, Lanes>(x, w, bias, y, rows, out, depth, first, last, scratch);
+    return;
+  }
+  const int64_t panel = std::max<int64_t>(kColBlock, kPanelBytes / (depth * int64_t{sizeof(T)}) / kColBlock * kColBlock);
+  for (int64_t start = first; start < last; start += panel) {
+    const int64_t stop = std::min(last, start + panel);
+    for (int64_t row = 0; row < rows; row += kRowChunk)
+      panel_columns<T, Lanes>(x + row * depth, w, bias, y + row * out, std::min(kRowChunk, rows - row), out, depth,
+                              start, stop, scratch);
+  }
 }
 
 // One instantiation per instruction set; each is called from inside the OpenMP team (an OpenMP region outlined

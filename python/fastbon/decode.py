@@ -16,7 +16,6 @@ from .cache import SUFFIX_BLOCK, SharedPrefixCache
 from .compiled import bucket_rows, compiled_forward
 from .memory import Budget, call_budget
 from .ops.sampling import SamplingParams, sample_implementation
-from .ops.skinny_linear import SKINNY_ROWS
 from .ops.topk import select_topk
 from .prefill import prefill
 from .scoring import Pruning, Samples, compute_scores
@@ -28,6 +27,16 @@ LOGPROB_MODES = ("raw", "processed")
 FINISH_REASONS = ("length", "eos", "stop", "pruned")
 EOS, STOP, PRUNED = (FINISH_REASONS.index(reason) for reason in ("eos", "stop", "pruned"))
 FIRST_COLUMNS = 64  # result columns allocated at the start, then doubling
+# Waves and preemption keep a multiple of this many rows (when they keep more). torch's eager CPU elementwise kernels
+# compute the last (length mod 32) elements of each thread's chunk on a scalar path, whose last bit can differ from
+# the vector path's: a batch of a multiple of 32 rows splits into chunks of whole vectors on 1, 2, 4, ... 32 threads,
+# so a row gets the same bits in a wave as in the single-wave run (the products are fixed-order: hf.SkinnyLinears).
+WAVE_ROWS_MULTIPLE = 32
+
+
+def whole_vectors(rows: int) -> int:
+    """``rows`` rounded down to a multiple of WAVE_ROWS_MULTIPLE when it holds one; else ``rows``."""
+    return rows if rows < WAVE_ROWS_MULTIPLE else rows // WAVE_ROWS_MULTIPLE * WAVE_ROWS_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -159,11 +168,9 @@ class _Run:
         inputs = dict(input_ids=batch.token[:, None], position_ids=batch.next_position[:, None],
                       attention_mask=batch.decode_mask, use_cache=True,
                       **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
-        # The first decode step runs eagerly: it checks that every attention layer is fastbon's.
-        # Only batches the kernel takes enter the mode (compiled steps too: dynamo traces it into the graph); a wider
-        # batch runs exactly as without fastbon's linear routing.
-        linears = self.linears if batch.sample_ids.shape[0] <= SKINNY_ROWS else None
-        with linears or contextlib.nullcontext():
+        # The first decode step runs eagerly: it checks that every attention layer is fastbon's. Every step, of any
+        # width, runs in the linear-routing mode (compiled steps too: dynamo traces it into the graph).
+        with self.linears or contextlib.nullcontext():
             if self.compiled is None or self.steps == 1:
                 logits = self.model(**inputs).logits[:, -1]
             else:
@@ -246,6 +253,7 @@ class _Run:
         batch = self.batch
         if batch.sample_ids.shape[0] <= fitting:
             return
+        fitting = whole_vectors(fitting)
         live = (~batch.finished).nonzero().flatten()  # a host sync, only when the budget binds
         if live.numel() > fitting:
             self.preempted.append(batch.sample_ids[live[fitting:]])
@@ -360,6 +368,8 @@ def decode(model, prompts: list, params: SamplingParams, settings: DecodeSetting
     admit_capacity = settings.max_new_tokens if settings.prune is not None else min(SUFFIX_BLOCK,
                                                                                      settings.max_new_tokens)
     rows_per_wave = min(num_samples, budget.rows_fitting(admit_capacity))
+    if rows_per_wave < num_samples:
+        rows_per_wave = whole_vectors(rows_per_wave)
     if rows_per_wave < num_samples and settings.prune is not None:
         raise MemoryError(f"pruning ranks all n={settings.n} samples of a prompt together, and only {rows_per_wave} "
                           f"of the {num_samples} rows fit in max_memory={budget.budget} bytes at once")

@@ -20,7 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import capabilities
 from .ops.attention import attention_features
-from .ops.skinny_linear import DEFAULT_DTYPES, SKINNY_ROWS, cpu_reason
+from .ops.skinny_linear import DEFAULT_DTYPES, cpu_reason
 
 CACHE_KWARG = "shared_prefix_cache"
 EAGER = "eager"  # not in transformers' registry: each modeling file has its own eager_attention_forward
@@ -98,9 +98,12 @@ _LINEAR = torch.nn.functional.linear
 
 
 class SkinnyLinears(TorchFunctionMode):
-    """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products of at most
-    ``SKINNY_ROWS`` rows run ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for
-    every row, instead of torch's BLAS GEMM (2-4x slower at these shapes here: benchmarks/RESULTS.md).
+    """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products run
+    ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for up to 32 rows (torch's BLAS
+    GEMM ran 2-4x slower at those shapes on an AVX2 EPYC: benchmarks/RESULTS.md) and sums every output in one fixed
+    order whatever the batch, so a sample's tokens do not depend on which samples share its batch: rows leaving,
+    waves under ``max_memory`` and preemption give the bits of one wave. Wider batches take it too, for that reason,
+    at a cost the RESULTS measure (torch's GEMM is up to 2x faster on them).
 
     A torch function mode holds for the thread that entered it only: another thread's forward on the same model
     (Hugging Face's own generate) is not touched, and nothing about the model changes. A product the kernel does
@@ -135,7 +138,7 @@ def _kernel_takes(x, weight, bias) -> bool:
     if x.device.type != "cpu" or x.dtype not in DEFAULT_DTYPES or weight.dtype != x.dtype:
         return False
     if x.dim() < 2 or weight.dim() != 2 or not weight.is_contiguous() or x.shape[-1] != weight.shape[1] \
-            or x.shape[-1] == 0 or not 0 < x.numel() <= SKINNY_ROWS * x.shape[-1]:
+            or x.shape[-1] == 0 or x.numel() == 0:
         return False
     if bias is not None and (type(bias) not in (torch.Tensor, torch.nn.Parameter) or bias.dtype != x.dtype
                              or bias.dim() != 1 or not bias.is_contiguous()):
@@ -152,7 +155,7 @@ def skinny_linears(model, backend: str | None) -> SkinnyLinears | None:
     weight = model.get_output_embeddings().weight
     if requested not in (None, "cpu") or weight.dtype not in DEFAULT_DTYPES:
         return None
-    return SkinnyLinears() if cpu_reason(weight.device, weight.dtype, 1) is None else None
+    return SkinnyLinears() if cpu_reason(weight.device, weight.dtype) is None else None
 
 
 _ROUTING_LOCK = threading.Lock()
