@@ -11,7 +11,9 @@
 // or copied.
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -24,7 +26,10 @@ namespace fastbon::cpu {
 namespace {
 
 constexpr int kRowBlock = 4;  // x rows per tile
-constexpr int kColBlock = 3;  // weight rows per tile: 4 x 3 accumulators + 4 x vectors + a weight vector in 16 registers
+// Weight rows per tile: 4 x 3 accumulators + 3 weight vectors + an x vector in AVX2's 16 registers. A 4 x 6 tile for
+// AVX-512's 32 ran the products 1.2x faster but rounded some outputs differently from the narrower last tile of a
+// range, so a row's bits would depend on where its column block fell: not taken.
+constexpr int kColBlock = 3;
 // How far ahead of the tile each weight row is prefetched. The hardware prefetcher alone left the [4, 512] x
 // [512, 32000] product at 9 GB/s of weights; prefetching two tiles ahead (12 KB) brought it to 15 GB/s (a plain
 // sum of the same bytes reads 18 GB/s). Prefetches never fault, so reading past the last row is harmless.
@@ -32,32 +37,69 @@ constexpr int64_t kPrefetchBytes = 12288;
 constexpr int64_t kRowChunk = 32;            // rows that share one pass over the weights from memory
 constexpr int64_t kPanelBytes = int64_t{1} << 17;  // weight rows kept in L2 while the row chunks pass over them
 
-// y[r, c] for Rows rows of x and Cols rows of w (both `depth` long, rows `depth` apart), y rows `ldy` apart.
+template <int Lanes>
+struct LaneVector;  // GCC vector-extension types of Lanes floats and of Lanes lane indices
+template <>
+struct LaneVector<16> {
+  typedef float Vec __attribute__((vector_size(64)));
+  typedef int32_t Index __attribute__((vector_size(64)));
+};
+template <>
+struct LaneVector<8> {
+  typedef float Vec __attribute__((vector_size(32)));
+  typedef int32_t Index __attribute__((vector_size(32)));
+};
+template <>
+struct LaneVector<4> {
+  typedef float Vec __attribute__((vector_size(16)));
+  typedef int32_t Index __attribute__((vector_size(16)));
+};
+
+// The lanes of one accumulator summed pairwise in a fixed order: lanes[l] += lanes[l + half] for half = Lanes/2 .. 1,
+// then lanes[0]. Whole-vector shuffles and adds: a scalar loop over the lanes cost about 60 cycles per output, as
+// much as the products themselves at a depth of 512.
+template <int Lanes, int Half, int... Lane>
+FASTBON_INLINE typename LaneVector<Lanes>::Vec lanes_xor(typename LaneVector<Lanes>::Vec lanes,
+                                                         std::integer_sequence<int, Lane...>) {
+  // A constant mask (lane ^ Half: lane + Half for the lanes below Half), so the shuffle is one permute instruction.
+  return __builtin_shuffle(lanes, typename LaneVector<Lanes>::Index{(Lane ^ Half)...});
+}
+
+template <int Lanes>
+FASTBON_INLINE float pairwise_sum(typename LaneVector<Lanes>::Vec lanes) {
+  constexpr auto all = std::make_integer_sequence<int, Lanes>{};
+  if constexpr (Lanes >= 16) lanes = lanes + lanes_xor<Lanes, 8>(lanes, all);
+  if constexpr (Lanes >= 8) lanes = lanes + lanes_xor<Lanes, 4>(lanes, all);
+  lanes = lanes + lanes_xor<Lanes, 2>(lanes, all);
+  lanes = lanes + lanes_xor<Lanes, 1>(lanes, all);
+  return lanes[0];
+}
+
+// y[r, c] for Rows rows of x and Cols rows of w (both `depth` long, rows `depth` apart), y rows `ldy` apart: each
+// output one vector of Lanes partial sums (acc += x * w, fused), summed pairwise, then the tail and the bias.
 // Prefetch: this is the first tile to read these weight rows (the next tiles find them in L1).
-template <typename W, typename Y, int Rows, int Cols, int Lanes, bool Prefetch>
-FASTBON_INLINE void dot_tile(const float* x, const W* w, const Y* bias, int64_t depth, Y* y, int64_t ldy) {
-  float acc[Rows][Cols][Lanes] = {};
+template <typename Y, int Rows, int Cols, int Lanes, bool Prefetch>
+FASTBON_INLINE void dot_tile(const float* x, const float* w, const Y* bias, int64_t depth, Y* y, int64_t ldy) {
+  using Vec = typename LaneVector<Lanes>::Vec;
+  Vec acc[Rows][Cols] = {};
   int64_t k = 0;
   for (; k + Lanes <= depth; k += Lanes) {
     if constexpr (Prefetch) {
       for (int c = 0; c < Cols; ++c)
         __builtin_prefetch(reinterpret_cast<const char*>(w + c * depth + k) + kPrefetchBytes, 0, 0);
     }
+    Vec weights[Cols];
+    for (int c = 0; c < Cols; ++c) std::memcpy(&weights[c], w + c * depth + k, sizeof(Vec));
     for (int r = 0; r < Rows; ++r) {
-      for (int c = 0; c < Cols; ++c) {
-#pragma omp simd
-        for (int lane = 0; lane < Lanes; ++lane)
-          acc[r][c][lane] += x[r * depth + k + lane] * to_float(w[c * depth + k + lane]);
-      }
+      Vec row;
+      std::memcpy(&row, x + r * depth + k, sizeof(Vec));
+      for (int c = 0; c < Cols; ++c) acc[r][c] += row * weights[c];
     }
   }
   for (int r = 0; r < Rows; ++r) {
     for (int c = 0; c < Cols; ++c) {
-      float* lanes = acc[r][c];  // a pairwise sum in a fixed order
-      for (int half = Lanes / 2; half >= 1; half /= 2)
-        for (int lane = 0; lane < half; ++lane) lanes[lane] += lanes[lane + half];
-      float sum = lanes[0];
-      for (int64_t tail = k; tail < depth; ++tail) sum += x[r * depth + tail] * to_float(w[c * depth + tail]);
+      float sum = pairwise_sum<Lanes>(acc[r][c]);
+      for (int64_t tail = k; tail < depth; ++tail) sum += x[r * depth + tail] * w[c * depth + tail];
       if (bias != nullptr) sum += to_float(bias[c]);
       y[r * ldy + c] = narrow<Y>(sum);
     }
@@ -65,29 +107,29 @@ FASTBON_INLINE void dot_tile(const float* x, const W* w, const Y* bias, int64_t 
 }
 
 // Every row of x against Cols weight rows: tiles of kRowBlock rows, then one tile of the remaining height.
-template <typename W, typename Y, int Cols, int Lanes, bool Prefetch>
-FASTBON_INLINE void dot_rows(const float* x, int64_t rows, const W* w, const Y* bias, int64_t depth, Y* y,
+template <typename Y, int Cols, int Lanes, bool Prefetch>
+FASTBON_INLINE void dot_rows(const float* x, int64_t rows, const float* w, const Y* bias, int64_t depth, Y* y,
                              int64_t ldy) {
   int64_t row = 0;
   if (rows >= kRowBlock) {
-    dot_tile<W, Y, kRowBlock, Cols, Lanes, Prefetch>(x, w, bias, depth, y, ldy);
+    dot_tile<Y, kRowBlock, Cols, Lanes, Prefetch>(x, w, bias, depth, y, ldy);
     row = kRowBlock;
   }
   for (; row + kRowBlock <= rows; row += kRowBlock)
-    dot_tile<W, Y, kRowBlock, Cols, Lanes, false>(x + row * depth, w, bias, depth, y + row * ldy, ldy);
+    dot_tile<Y, kRowBlock, Cols, Lanes, false>(x + row * depth, w, bias, depth, y + row * ldy, ldy);
   const int64_t rest = rows - row;
   const float* x_rest = x + row * depth;
   Y* y_rest = y + row * ldy;
   constexpr bool kFirst = Prefetch;  // fewer rows than a tile: the one tile reads the weights first
   static_assert(kRowBlock == 4, "the remainder below covers heights 1 to 3");
   if (row == 0) {
-    if (rest == 3) dot_tile<W, Y, 3, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 2) dot_tile<W, Y, 2, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 1) dot_tile<W, Y, 1, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 3) dot_tile<Y, 3, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 2) dot_tile<Y, 2, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 1) dot_tile<Y, 1, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
   } else {
-    if (rest == 3) dot_tile<W, Y, 3, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 2) dot_tile<W, Y, 2, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 1) dot_tile<W, Y, 1, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 3) dot_tile<Y, 3, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 2) dot_tile<Y, 2, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 1) dot_tile<Y, 1, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
   }
 }
 
@@ -98,13 +140,13 @@ template <typename T, int Cols, int Lanes>
 FASTBON_INLINE void dot_columns(const float* x, int64_t rows, const T* w, const T* bias, int64_t depth, T* y,
                                 int64_t ldy, float* scratch) {
   if constexpr (std::is_same_v<T, float>) {
-    dot_rows<float, float, Cols, Lanes, true>(x, rows, w, bias, depth, y, ldy);
+    dot_rows<float, Cols, Lanes, true>(x, rows, w, bias, depth, y, ldy);
   } else {
     for (int c = 0; c < Cols; ++c)
       __builtin_prefetch(reinterpret_cast<const char*>(w + c * depth) + kPrefetchBytes, 0, 0);
 #pragma omp simd
     for (int64_t i = 0; i < Cols * depth; ++i) scratch[i] = to_float(w[i]);
-    dot_rows<float, T, Cols, Lanes, false>(x, rows, scratch, bias, depth, y, ldy);
+    dot_rows<T, Cols, Lanes, false>(x, rows, scratch, bias, depth, y, ldy);
   }
 }
 
