@@ -26,10 +26,11 @@ namespace fastbon::cpu {
 namespace {
 
 constexpr int kRowBlock = 4;  // x rows per tile
-// Weight rows per tile: 4 x 3 accumulators + 3 weight vectors + an x vector in AVX2's 16 registers. A 4 x 6 tile for
-// AVX-512's 32 ran the products 1.2x faster but rounded some outputs differently from the narrower last tile of a
-// range, so a row's bits would depend on where its column block fell: not taken.
-constexpr int kColBlock = 3;
+constexpr int kColBlock = 3;  // weight rows per block, the unit that threads and panels split the weights by
+// Weight rows per tile: 4 x 6 accumulators + 6 weight vectors + an x vector in AVX-512's 32 registers (1.2x faster
+// than 4 x 3 on the benchmark Llama's products), 4 x 3 + 3 + 1 in AVX2's 16.
+constexpr int tile_columns(int lanes) { return lanes == 16 ? 6 : 3; }
+constexpr int kMostTileColumns = 6;
 // How far ahead of the tile each weight row is prefetched. The hardware prefetcher alone left the [4, 512] x
 // [512, 32000] product at 9 GB/s of weights; prefetching two tiles ahead (12 KB) brought it to 15 GB/s (a plain
 // sum of the same bytes reads 18 GB/s). Prefetches never fault, so reading past the last row is harmless.
@@ -150,17 +151,31 @@ FASTBON_INLINE void dot_columns(const float* x, int64_t rows, const T* w, const 
   }
 }
 
-// Output columns [first, last) of y for the rows of x: weight rows in blocks of kColBlock, the last block narrower.
+// The last, narrower tile of a range: `width` (1 .. Width) weight rows. A recursive always-inline template, not a
+// lambda: a lambda is a function of its own, compiled for the baseline instruction set whatever its caller's
+// target, and there the tile ran without FMA (other bits than the full tiles).
+template <typename T, int Lanes, int Width>
+FASTBON_INLINE void last_tile(int64_t width, const float* x, int64_t rows, const T* w, const T* bias, int64_t depth,
+                              T* y, int64_t ldy, float* scratch) {
+  if constexpr (Width >= 1) {
+    if (width == Width)
+      dot_columns<T, Width, Lanes>(x, rows, w, bias, depth, y, ldy, scratch);
+    else
+      last_tile<T, Lanes, Width - 1>(width, x, rows, w, bias, depth, y, ldy, scratch);
+  }
+}
+
+// Output columns [first, last) of y for the rows of x: weight rows in tiles of tile_columns(Lanes), the last one
+// narrower.
 template <typename T, int Lanes>
 FASTBON_INLINE void panel_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
                                   int64_t depth, int64_t first, int64_t last, float* scratch) {
+  constexpr int kTile = tile_columns(Lanes);
   auto at = [&](int64_t col) { return bias ? bias + col : nullptr; };
   int64_t col = first;
-  for (; col + kColBlock <= last; col += kColBlock)
-    dot_columns<T, kColBlock, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
-  static_assert(kColBlock == 3, "the remainder below covers widths 1 and 2");
-  if (last - col == 2) dot_columns<T, 2, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
-  if (last - col == 1) dot_columns<T, 1, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
+  for (; col + kTile <= last; col += kTile)
+    dot_columns<T, kTile, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
+  last_tile<T, Lanes, kTile - 1>(last - col, x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
 }
 
 // Output columns [first, last) of y. Up to kRowChunk rows, each weight row is streamed once for all of them. Wider
@@ -231,7 +246,7 @@ void run_linear(const T* x, const T* w, const T* bias, T* y, int64_t rows, int64
 #else
     const int64_t id = 0, team = 1;
 #endif
-    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : kColBlock * depth);
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : kMostTileColumns * depth);
     const int64_t first = std::min(out, blocks * id / team * kColBlock);
     const int64_t last = std::min(out, blocks * (id + 1) / team * kColBlock);
     if (first < last) columns(x_float, w, bias, y, rows, out, depth, first, last, scratch.data());
