@@ -14,7 +14,7 @@ from fastbon.ops.skinny_linear import SKINNY_ROWS
 
 pytest.importorskip("fastbon._C")
 
-ISAS = ["native", "avx2", "baseline"]
+ISAS = ["native", "avx512", "avx2", "baseline"]
 
 
 def _inputs(rows, in_features, out_features, dtype, seed, bias=True):

@@ -26,6 +26,8 @@
 #define FASTBON_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define FASTBON_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
+#define FASTBON_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")))
 #define FASTBON_TARGET_AMX                                                                               \
   __attribute__((target("amx-tile,amx-bf16,avx512bf16,avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c," \
                         "prefer-vector-width=512")))
@@ -83,6 +85,21 @@ inline bool amx_bf16_active() {
     return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
            __builtin_cpu_supports("avx512bf16") &&
            syscall(SYS_arch_prctl, kArchRequestPermission, kTileData) == 0;
+  }();
+  const char* requested = std::getenv("FASTBON_CPU_ISA");
+  return usable && active_isa() == Isa::kAvx512 && (requested == nullptr || std::strcmp(requested, "avx512") != 0);
+#else
+  return false;
+#endif
+}
+
+// Whether bfloat16 dot products (AVX512-BF16's VDPBF16PS) may run: AVX-512 is active and not lowered to plain
+// avx512 (FASTBON_CPU_ISA=avx512 turns them off, as it does AMX), and the CPU has AVX512-BF16.
+inline bool avx512_bf16_active() {
+#if FASTBON_X86_DISPATCH
+  static const bool usable = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
   }();
   const char* requested = std::getenv("FASTBON_CPU_ISA");
   return usable && active_isa() == Isa::kAvx512 && (requested == nullptr || std::strcmp(requested, "avx512") != 0);

@@ -22,6 +22,10 @@
 
 #include "cpu_ops.h"
 
+#if FASTBON_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace fastbon::cpu {
 namespace {
 
@@ -107,75 +111,122 @@ FASTBON_INLINE void dot_tile(const float* x, const float* w, const Y* bias, int6
   }
 }
 
+// The same tile for bfloat16 x and weights with AVX512-BF16's VDPBF16PS: each step adds the products of 16 pairs of
+// bf16 elements to the 16 fp32 lanes (exact products, fp32 sums, as torch's bf16 GEMM does on these CPUs: twice
+// the products per instruction of widening to fp32), then the lanes pairwise, then the tail in fp32. A function of
+// its own, called per tile: an always-inline function compiled for AVX512-BF16 cannot be inlined into the generic
+// templates that tile the rows and columns.
+template <typename Y, int Rows, int Cols, bool Prefetch>
+FASTBON_TARGET_AVX512_BF16 __attribute__((noinline)) void dot_tile_bf16(const BFloat16* x, const BFloat16* w,
+                                                                         const Y* bias, int64_t depth, Y* y,
+                                                                         int64_t ldy) {
+#if FASTBON_X86_DISPATCH
+  constexpr int64_t kPairs = 32;  // bf16 elements per 512-bit step
+  __m512 acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + kPairs <= depth; k += kPairs) {
+    if constexpr (Prefetch) {
+      for (int c = 0; c < Cols; ++c) __builtin_prefetch(w + c * depth + k + kPrefetchTiles * Cols * depth, 0, 0);
+    }
+    __m512bh weights[Cols];
+    for (int c = 0; c < Cols; ++c) weights[c] = (__m512bh)_mm512_loadu_si512(w + c * depth + k);
+    for (int r = 0; r < Rows; ++r) {
+      const __m512bh row = (__m512bh)_mm512_loadu_si512(x + r * depth + k);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], row, weights[c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    for (int c = 0; c < Cols; ++c) {
+      float sum = pairwise_sum<16>(acc[r][c]);
+      for (int64_t tail = k; tail < depth; ++tail) sum += to_float(x[r * depth + tail]) * to_float(w[c * depth + tail]);
+      if (bias != nullptr) sum += to_float(bias[c]);
+      y[r * ldy + c] = narrow<Y>(sum);
+    }
+  }
+#else
+  __builtin_unreachable();  // run_linear picks this path only where avx512_bf16_active()
+#endif
+}
+
+// One tile of x rows (float, or bfloat16 for VDPBF16PS) against Cols weight rows of the same type.
+template <typename X, typename Y, int Rows, int Cols, int Lanes, bool Prefetch>
+FASTBON_INLINE void any_tile(const X* x, const X* w, const Y* bias, int64_t depth, Y* y, int64_t ldy) {
+  if constexpr (std::is_same_v<X, BFloat16>)
+    dot_tile_bf16<Y, Rows, Cols, Prefetch>(x, w, bias, depth, y, ldy);
+  else
+    dot_tile<Y, Rows, Cols, Lanes, Prefetch>(x, w, bias, depth, y, ldy);
+}
+
 // Every row of x against Cols weight rows: tiles of kRowBlock rows, then one tile of the remaining height.
-template <typename Y, int Cols, int Lanes, bool Prefetch>
-FASTBON_INLINE void dot_rows(const float* x, int64_t rows, const float* w, const Y* bias, int64_t depth, Y* y,
-                             int64_t ldy) {
+template <typename X, typename Y, int Cols, int Lanes, bool Prefetch>
+FASTBON_INLINE void dot_rows(const X* x, int64_t rows, const X* w, const Y* bias, int64_t depth, Y* y, int64_t ldy) {
   int64_t row = 0;
   if (rows >= kRowBlock) {
-    dot_tile<Y, kRowBlock, Cols, Lanes, Prefetch>(x, w, bias, depth, y, ldy);
+    any_tile<X, Y, kRowBlock, Cols, Lanes, Prefetch>(x, w, bias, depth, y, ldy);
     row = kRowBlock;
   }
   for (; row + kRowBlock <= rows; row += kRowBlock)
-    dot_tile<Y, kRowBlock, Cols, Lanes, false>(x + row * depth, w, bias, depth, y + row * ldy, ldy);
+    any_tile<X, Y, kRowBlock, Cols, Lanes, false>(x + row * depth, w, bias, depth, y + row * ldy, ldy);
   const int64_t rest = rows - row;
-  const float* x_rest = x + row * depth;
+  const X* x_rest = x + row * depth;
   Y* y_rest = y + row * ldy;
   constexpr bool kFirst = Prefetch;  // fewer rows than a tile: the one tile reads the weights first
   static_assert(kRowBlock == 4, "the remainder below covers heights 1 to 3");
   if (row == 0) {
-    if (rest == 3) dot_tile<Y, 3, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 2) dot_tile<Y, 2, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 1) dot_tile<Y, 1, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 3) any_tile<X, Y, 3, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 2) any_tile<X, Y, 2, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 1) any_tile<X, Y, 1, Cols, Lanes, kFirst>(x_rest, w, bias, depth, y_rest, ldy);
   } else {
-    if (rest == 3) dot_tile<Y, 3, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 2) dot_tile<Y, 2, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
-    if (rest == 1) dot_tile<Y, 1, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 3) any_tile<X, Y, 3, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 2) any_tile<X, Y, 2, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
+    if (rest == 1) any_tile<X, Y, 1, Cols, Lanes, false>(x_rest, w, bias, depth, y_rest, ldy);
   }
 }
 
 // Every row of x against the Cols weight rows at w. 16-bit weights are first widened into `scratch` (Cols x
 // depth floats, in L1): a contiguous conversion loop vectorises, the same conversion inside the tile did not
 // (float16 ran at 1 GFLOP/s).
-template <typename T, int Cols, int Lanes>
-FASTBON_INLINE void dot_columns(const float* x, int64_t rows, const T* w, const T* bias, int64_t depth, T* y,
+template <typename T, typename X, int Cols, int Lanes>
+FASTBON_INLINE void dot_columns(const X* x, int64_t rows, const T* w, const T* bias, int64_t depth, T* y,
                                 int64_t ldy, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    dot_rows<float, Cols, Lanes, true>(x, rows, w, bias, depth, y, ldy);
+  if constexpr (std::is_same_v<T, X>) {  // float, or bfloat16 on VDPBF16PS: the weights are read in place
+    dot_rows<X, T, Cols, Lanes, true>(x, rows, w, bias, depth, y, ldy);
   } else {
     for (int c = 0; c < Cols; ++c)
       __builtin_prefetch(w + c * depth + kPrefetchTiles * Cols * depth, 0, 0);
 #pragma omp simd
     for (int64_t i = 0; i < Cols * depth; ++i) scratch[i] = to_float(w[i]);
-    dot_rows<T, Cols, Lanes, false>(x, rows, scratch, bias, depth, y, ldy);
+    dot_rows<float, T, Cols, Lanes, false>(x, rows, scratch, bias, depth, y, ldy);
   }
 }
 
 // The last, narrower tile of a range: `width` (1 .. Width) weight rows. A recursive always-inline template, not a
 // lambda: a lambda is a function of its own, compiled for the baseline instruction set whatever its caller's
 // target, and there the tile ran without FMA (other bits than the full tiles).
-template <typename T, int Lanes, int Width>
-FASTBON_INLINE void last_tile(int64_t width, const float* x, int64_t rows, const T* w, const T* bias, int64_t depth,
+template <typename T, typename X, int Lanes, int Width>
+FASTBON_INLINE void last_tile(int64_t width, const X* x, int64_t rows, const T* w, const T* bias, int64_t depth,
                               T* y, int64_t ldy, float* scratch) {
   if constexpr (Width >= 1) {
     if (width == Width)
-      dot_columns<T, Width, Lanes>(x, rows, w, bias, depth, y, ldy, scratch);
+      dot_columns<T, X, Width, Lanes>(x, rows, w, bias, depth, y, ldy, scratch);
     else
-      last_tile<T, Lanes, Width - 1>(width, x, rows, w, bias, depth, y, ldy, scratch);
+      last_tile<T, X, Lanes, Width - 1>(width, x, rows, w, bias, depth, y, ldy, scratch);
   }
 }
 
 // Output columns [first, last) of y for the rows of x: weight rows in tiles of tile_columns(Lanes), the last one
 // narrower.
-template <typename T, int Lanes>
-FASTBON_INLINE void panel_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
+template <typename T, typename X, int Lanes>
+FASTBON_INLINE void panel_columns(const X* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
                                   int64_t depth, int64_t first, int64_t last, float* scratch) {
   constexpr int kTile = tile_columns(Lanes);
   auto at = [&](int64_t col) { return bias ? bias + col : nullptr; };
   int64_t col = first;
   for (; col + kTile <= last; col += kTile)
-    dot_columns<T, kTile, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
-  last_tile<T, Lanes, kTile - 1>(last - col, x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
+    dot_columns<T, X, kTile, Lanes>(x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
+  last_tile<T, X, Lanes, kTile - 1>(last - col, x, rows, w + col * depth, at(col), depth, y + col, out, scratch);
 }
 
 // Output columns [first, last) of y. Up to kRowChunk rows, each weight row is streamed once for all of them. Wider
@@ -183,18 +234,18 @@ FASTBON_INLINE void panel_columns(const float* x, const T* w, const T* bias, T* 
 // weights still come from memory once and each chunk's rows from L2. Every output is the same dot product, summed in
 // the same order, whatever the number of rows or the row's place in the batch: a sample's result does not depend on
 // which other samples share its batch (a call split into waves gives the bits of one wave).
-template <typename T, int Lanes>
-FASTBON_INLINE void linear_columns(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
+template <typename T, typename X, int Lanes>
+FASTBON_INLINE void linear_columns(const X* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
                                    int64_t depth, int64_t first, int64_t last, float* scratch) {
   if (rows <= kRowChunk) {
-    panel_columns<T, Lanes>(x, w, bias, y, rows, out, depth, first, last, scratch);
+    panel_columns<T, X, Lanes>(x, w, bias, y, rows, out, depth, first, last, scratch);
     return;
   }
   const int64_t panel = std::max<int64_t>(kColBlock, kPanelBytes / (depth * int64_t{sizeof(T)}) / kColBlock * kColBlock);
   for (int64_t start = first; start < last; start += panel) {
     const int64_t stop = std::min(last, start + panel);
     for (int64_t row = 0; row < rows; row += kRowChunk)
-      panel_columns<T, Lanes>(x + row * depth, w, bias, y + row * out, std::min(kRowChunk, rows - row), out, depth,
+      panel_columns<T, X, Lanes>(x + row * depth, w, bias, y + row * out, std::min(kRowChunk, rows - row), out, depth,
                               start, stop, scratch);
   }
 }
@@ -205,22 +256,56 @@ template <typename T>
 FASTBON_TARGET_AVX512 void linear_columns_avx512(const float* x, const T* w, const T* bias, T* y, int64_t rows,
                                                  int64_t out, int64_t depth, int64_t first, int64_t last,
                                                  float* scratch) {
-  linear_columns<T, 16>(x, w, bias, y, rows, out, depth, first, last, scratch);
+  linear_columns<T, float, 16>(x, w, bias, y, rows, out, depth, first, last, scratch);
 }
 template <typename T>
 FASTBON_TARGET_AVX2 void linear_columns_avx2(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out,
                                              int64_t depth, int64_t first, int64_t last, float* scratch) {
-  linear_columns<T, 8>(x, w, bias, y, rows, out, depth, first, last, scratch);
+  linear_columns<T, float, 8>(x, w, bias, y, rows, out, depth, first, last, scratch);
 }
 template <typename T>
 void linear_columns_baseline(const float* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out, int64_t depth,
                              int64_t first, int64_t last, float* scratch) {
-  linear_columns<T, 4>(x, w, bias, y, rows, out, depth, first, last, scratch);
+  linear_columns<T, float, 4>(x, w, bias, y, rows, out, depth, first, last, scratch);
+}
+
+// bfloat16 x and weights on VDPBF16PS (the tiles are compiled for AVX512-BF16 themselves).
+FASTBON_TARGET_AVX512 void linear_columns_avx512_bf16(const BFloat16* x, const BFloat16* w, const BFloat16* bias,
+                                                      BFloat16* y, int64_t rows, int64_t out, int64_t depth,
+                                                      int64_t first, int64_t last) {
+  linear_columns<BFloat16, BFloat16, 16>(x, w, bias, y, rows, out, depth, first, last, nullptr);
+}
+
+// Output columns split over the team: each thread streams one contiguous range of whole blocks of weight rows.
+template <typename Columns>
+void over_threads(int64_t out, int64_t depth, int num_threads, Columns columns) {
+  const int64_t blocks = (out + kColBlock - 1) / kColBlock;
+  const int threads = team_size(static_cast<int>(std::min<int64_t>(num_threads, blocks)), out * depth,
+                                int64_t{1} << 16);
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
+#else
+    const int64_t id = 0, team = 1;
+#endif
+    const int64_t first = std::min(out, blocks * id / team * kColBlock);
+    const int64_t last = std::min(out, blocks * (id + 1) / team * kColBlock);
+    if (first < last) columns(first, last);
+  }
 }
 
 template <typename T>
 void run_linear(const T* x, const T* w, const T* bias, T* y, int64_t rows, int64_t out, int64_t depth,
                 int num_threads) {
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (avx512_bf16_active()) {
+      over_threads(out, depth, num_threads, [&](int64_t first, int64_t last) {
+        linear_columns_avx512_bf16(x, w, bias, y, rows, out, depth, first, last);
+      });
+      return;
+    }
+  }
   const Isa isa = active_isa();
   auto* columns = isa == Isa::kAvx512 ? &linear_columns_avx512<T>
                   : isa == Isa::kAvx2 ? &linear_columns_avx2<T>
@@ -235,22 +320,10 @@ void run_linear(const T* x, const T* w, const T* bias, T* y, int64_t rows, int64
     for (int64_t i = 0; i < rows * depth; ++i) widened[i] = to_float(x[i]);
     x_float = widened.data();
   }
-  // Blocks of weight rows are split evenly: each thread streams one contiguous range of the weights.
-  const int64_t blocks = (out + kColBlock - 1) / kColBlock;
-  const int threads = team_size(static_cast<int>(std::min<int64_t>(num_threads, blocks)), out * depth,
-                                int64_t{1} << 16);
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    const int64_t id = omp_get_thread_num(), team = omp_get_num_threads();
-#else
-    const int64_t id = 0, team = 1;
-#endif
+  over_threads(out, depth, num_threads, [&](int64_t first, int64_t last) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : kMostTileColumns * depth);
-    const int64_t first = std::min(out, blocks * id / team * kColBlock);
-    const int64_t last = std::min(out, blocks * (id + 1) / team * kColBlock);
-    if (first < last) columns(x_float, w, bias, y, rows, out, depth, first, last, scratch.data());
-  }
+    columns(x_float, w, bias, y, rows, out, depth, first, last, scratch.data());
+  });
 }
 
 }  // namespace

@@ -28,9 +28,10 @@ FINISH_REASONS = ("length", "eos", "stop", "pruned")
 EOS, STOP, PRUNED = (FINISH_REASONS.index(reason) for reason in ("eos", "stop", "pruned"))
 FIRST_COLUMNS = 64  # result columns allocated at the start, then doubling
 # Waves and preemption keep a multiple of this many rows (when they keep more). torch's eager CPU elementwise kernels
-# compute the last (length mod 32) elements of each thread's chunk on a scalar path, whose last bit can differ from
-# the vector path's: a batch of a multiple of 32 rows splits into chunks of whole vectors on 1, 2, 4, ... 32 threads,
-# so a row gets the same bits in a wave as in the single-wave run (the products are fixed-order: hf.SkinnyLinears).
+# (SiLU, seen) compute the last (length mod 32) elements of each thread's chunk on a scalar path whose last bit can
+# differ from the vector path's; the chunks are the op's elements split evenly over the threads. With a multiple of
+# 32 rows every chunk holds whole 32-element blocks (for any even row width on 2 threads, any width on 1), so a row
+# gets the same bits in a wave as in the single-wave run; the products are fixed-order anyway (hf.SkinnyLinears).
 WAVE_ROWS_MULTIPLE = 32
 
 
