@@ -5,7 +5,8 @@
 
 The rate is measured here, in the same process: a square fp32 matmul large enough to be compute-bound. The decode
 step's matrix products are every linear layer of the model, the LM head included, over the n rows (2 x params x n
-FLOPs; attention's own products are not counted, so the ratio charges fastbon's attention to the step). The step
+FLOPs; attention's own products are not counted, so the ratio charges fastbon's attention to the step); a second
+ratio counts attention's q·K and p·V products too (at the middle of the generation's key count). The step
 time is a timed ``fastbon.generate`` call's decode (its total minus its prefill) over the forwards it ran, after
 an untimed warm-up call.
 """
@@ -41,12 +42,20 @@ def linear_flops_per_step(model, rows: int) -> int:
     return 2 * weights * rows
 
 
-def measure(shape, prompt_len=2048, n=32, new_tokens=64):
+def attention_flops_per_step(model, prompt_len: int, n: int, new_tokens: int) -> float:
+    """2 x 2 x query heads x head_dim x keys x n per layer (q·K and p·V), keys at the middle of the generation."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    keys = prompt_len + new_tokens / 2
+    return 4 * config.num_hidden_layers * config.num_attention_heads * head_dim * keys * n
+
+
+def measure(shape, prompt_len=2048, n=32, new_tokens=64, compile=False):
     torch.manual_seed(0)
     model = llama_model(**shape)
     prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    settings = dict(n=n, k=1, max_new_tokens=new_tokens, top_p=0.95, seed=0, eos_token_id=[])
-    fastbon.generate(model, prompt, **settings)  # warm-up
+    settings = dict(n=n, k=1, max_new_tokens=new_tokens, top_p=0.95, seed=0, eos_token_id=[], compile=compile)
+    fastbon.generate(model, prompt, **settings)  # warm-up (and, with compile, the compile)
     start = time.perf_counter()
     result = fastbon.generate(model, prompt, **settings)
     total = time.perf_counter() - start
@@ -54,9 +63,11 @@ def measure(shape, prompt_len=2048, n=32, new_tokens=64):
     step = (total - result.stats["prefill_seconds"]) / forwards
     rate = gemm_rate()
     gemm_step = linear_flops_per_step(model, n) / rate
-    print(f"large-GEMM rate {rate / 1e9:.1f} GFLOP/s; decode step {1e3 * step:.1f} ms (P={prompt_len}, n={n}); its "
-          f"matrix products at that rate {1e3 * gemm_step:.1f} ms; step / GEMM time = {step / gemm_step:.2f} "
-          "(target <= 1.5)")
+    with_attention = gemm_step + attention_flops_per_step(model, prompt_len, n, new_tokens) / rate
+    print(f"large-GEMM rate {rate / 1e9:.1f} GFLOP/s; decode step {1e3 * step:.1f} ms (P={prompt_len}, n={n}, "
+          f"{'compiled' if compile else 'eager'}); its linear layers' products at that rate {1e3 * gemm_step:.1f} ms: "
+          f"step / GEMM time = {step / gemm_step:.2f} (target <= 1.5); with attention's products too "
+          f"{1e3 * with_attention:.1f} ms: {step / with_attention:.2f}")
     return step, gemm_step
 
 
@@ -65,8 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument("--P", type=int, default=2048)
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true", help="the decode step under torch.compile")
     args = parser.parse_args(argv)
-    measure(FULL_SHAPE, args.P, args.n, args.new_tokens)
+    measure(FULL_SHAPE, args.P, args.n, args.new_tokens, args.compile)
     return 0
 
 

@@ -1,14 +1,18 @@
-// Skinny matrix products on the CPU: y[rows, out] = x[rows, in] · w[out, in]ᵀ (+ bias[out]) for the few rows of a
+// Skinny matrix products on the CPU: y[rows, out] = x[rows, in] · w[out, in]ᵀ (+ bias[out]) for the rows of a
 // decode step (fastbon.ops.skinny_linear).
 //
 // A decode step multiplies a handful of rows (the live samples) by every weight matrix of the model, so each
 // weight byte is used `rows` times: the product is bound by streaming the weights, not by FLOPs. BLAS libraries
 // tune for square shapes; MKL's float32 GEMM on a 2-core AVX2 EPYC runs [4, 512] x [512, 32000] at 3.4 GB/s of
 // weights (benchmarks/RESULTS.md). Here each thread streams its own contiguous range of weight rows once, in
-// blocks of kColBlock rows, and computes every x row against a block while it is in L1: kRowBlock x kColBlock dot
-// products, each held as one vector of partial sums in registers, reduced in a fixed order at the end (the same
-// inputs give the same bits on every run). Weights are read in their own [out, in] layout: nothing is repacked
-// or copied.
+// tiles of tile_columns rows, and computes every x row against a tile while it is in L1: kRowBlock x tile_columns
+// dot products, each held as one vector of partial sums in registers and summed pairwise at the end. Weights are
+// read in their own [out, in] layout: nothing is repacked or copied. bfloat16 runs on VDPBF16PS where the CPU has
+// it, else widened to float32 per tile.
+//
+// Every output is the same sequence of operations whatever the number of rows, the row's place in the batch or the
+// column's place in a tile: the same inputs give the same bits in any batch, which fastbon's decode relies on
+// (a sample's tokens do not depend on which samples share its batch).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
