@@ -57,7 +57,9 @@ def _extension_build():
     # No -march: the kernels pick AVX-512 / AVX2 / baseline code at run time (csrc/cpu/kernel_utils.h).
     # -fno-trapping-math (torch's own flag) lets GCC if-convert the selects in the vector loops (exp_nonpositive's
     # clamp): with trapping math the softmax exp loops stayed scalar. It changes no result: no reassociation.
-    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-Wno-psabi"]
+    # -ffp-contract=fast (GCC's default before GCC 13 changed it for -std=c++NN) pins a*b + c to one FMA on every
+    # compiler, so the kernels' bits do not change with the compiler's version.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=fast", "-Wno-psabi"]
     options = dict(name="fastbon._C", extra_link_args=["-fopenmp"], define_macros=[])
     if build_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/bindings/cuda_ops.cpp"]
