@@ -100,10 +100,10 @@ _LINEAR = torch.nn.functional.linear
 class SkinnyLinears(TorchFunctionMode):
     """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products run
     ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for up to 32 rows (torch's BLAS
-    GEMM ran 1.4-4x slower at those shapes: benchmarks/RESULTS.md) and sums every output in one fixed order whatever
-    the batch, so a sample's tokens do not depend on which samples share its batch: rows leaving, waves under
+    GEMM ran 1.6-4.4x slower at those shapes in float32: benchmarks/RESULTS.md) and sums every output in one fixed
+    order whatever the batch, so a sample's products do not depend on which samples share its batch: waves under
     ``max_memory`` and preemption give the bits of one wave. Wider batches take it too, for that reason (at 128 rows
-    it measured as fast as torch's GEMM).
+    it measured as fast as torch's GEMM in float32).
 
     A torch function mode holds for the thread that entered it only: another thread's forward on the same model
     (Hugging Face's own generate) is not touched, and nothing about the model changes. A product the kernel does
