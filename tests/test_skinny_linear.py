@@ -46,7 +46,8 @@ def test_float32_against_float64(monkeypatch, isa, rows, in_features, out_featur
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 3), (4, 512, 1376), (9, 97, 111), (32, 33, 7)])
+@pytest.mark.parametrize("rows,in_features,out_features",
+                         [(1, 64, 3), (4, 512, 1376), (9, 97, 111), (32, 33, 7), (45, 97, 700)])
 def test_16_bit_within_twice_torchs_own_error(monkeypatch, isa, dtype, rows, in_features, out_features):
     if isa != "native":
         monkeypatch.setenv("FASTBON_CPU_ISA", isa)

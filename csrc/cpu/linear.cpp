@@ -34,11 +34,13 @@ namespace fastbon::cpu {
 namespace {
 
 constexpr int kRowBlock = 4;  // x rows per tile
-constexpr int kColBlock = 3;  // weight rows per block, the unit that threads and panels split the weights by
 // Weight rows per tile: 4 x 6 accumulators + 6 weight vectors + an x vector in AVX-512's 32 registers (1.2x faster
 // than 4 x 3 on the benchmark Llama's products), 4 x 3 + 3 + 1 in AVX2's 16.
 constexpr int tile_columns(int lanes) { return lanes == 16 ? 6 : 3; }
 constexpr int kMostTileColumns = 6;
+// Weight rows per block, the unit that threads and panels split the weights by: a multiple of every tile width, so
+// only the last range of a product ends in a narrower tile.
+constexpr int kColBlock = kMostTileColumns;
 // How far ahead of the tile each weight row is prefetched, in tiles, into L2 (locality 1: PREFETCHT1). The hardware
 // prefetcher alone left the [4, 512] x [512, 32000] product at 9 GB/s of weights on an AVX2 EPYC; prefetching two
 // tiles ahead brought it to 15 GB/s (a plain sum of the same bytes read 18 GB/s). On an AVX-512 EPYC, prefetching
@@ -247,12 +249,13 @@ FASTBON_INLINE void linear_columns(const X* x, const T* w, const T* bias, T* y, 
     panel_columns<T, X, Lanes>(x, w, bias, y, rows, out, depth, first, last, scratch);
     return;
   }
-  const int64_t panel = std::max<int64_t>(kColBlock, kPanelBytes / (depth * int64_t{sizeof(T)}) / kColBlock * kColBlock);
+  const int64_t panel_blocks = std::max<int64_t>(1, kPanelBytes / (depth * int64_t{sizeof(T)}) / kColBlock);
+  const int64_t panel = panel_blocks * kColBlock;
   for (int64_t start = first; start < last; start += panel) {
     const int64_t stop = std::min(last, start + panel);
     for (int64_t row = 0; row < rows; row += kRowChunk)
       panel_columns<T, X, Lanes>(x + row * depth, w, bias, y + row * out, std::min(kRowChunk, rows - row), out, depth,
-                              start, stop, scratch);
+                                 start, stop, scratch);
   }
 }
 
