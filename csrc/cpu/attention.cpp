@@ -39,7 +39,11 @@ constexpr int64_t kGemmRows = 4;  // items with fewer query rows take the matrix
 template <typename Acc, int Rows, int Cols>
 FASTBON_INLINE void gemm_tile(int64_t depth, const Acc* a, int64_t a_row, int64_t a_inner, const Acc* b, int64_t ldb,
                               Acc* c, int64_t ldc) {
-  Acc acc[Rows][Cols] = {};
+  Acc acc[Rows][Cols];
+  for (int r = 0; r < Rows; ++r) {
+#pragma omp simd
+    for (int col = 0; col < Cols; ++col) acc[r][col] = 0;  // per element: `= {}` on the array became a memset per tile
+  }
   for (int64_t inner = 0; inner < depth; ++inner) {
     const Acc* b_row = b + inner * ldb;
     for (int r = 0; r < Rows; ++r) {
@@ -80,6 +84,45 @@ FASTBON_INLINE void gemm(int64_t rows, int64_t columns, int64_t depth, const Acc
   }
 }
 
+// out[0, HeadDim) = the sum over keys [begin, end) of p[key] · values[key], in key order per element, the sums held
+// in registers (a loop over a runtime head_dim added each key's products to memory: a load and a store per vector
+// per key).
+template <typename Acc, int HeadDim>
+FASTBON_INLINE void weighted_values_fixed(const Acc* values, const Acc* p, int64_t begin, int64_t end, Acc* out) {
+  typedef Acc Vec __attribute__((vector_size(64)));
+  typedef Acc Unaligned __attribute__((vector_size(64), aligned(sizeof(Acc)), may_alias));
+  constexpr int kLanes = 64 / sizeof(Acc), kVectors = HeadDim / kLanes;
+  static_assert(HeadDim % kLanes == 0, "whole vectors");
+  Vec sums[kVectors];
+#pragma GCC unroll 16
+  for (int j = 0; j < kVectors; ++j) sums[j] = Vec{};
+  for (int64_t key = begin; key < end; ++key) {
+    const Acc weight = p[key];
+    const Acc* row = values + key * HeadDim;
+#pragma GCC unroll 16
+    for (int j = 0; j < kVectors; ++j) sums[j] += weight * *reinterpret_cast<const Unaligned*>(row + j * kLanes);
+  }
+#pragma GCC unroll 16
+  for (int j = 0; j < kVectors; ++j) std::memcpy(out + j * kLanes, &sums[j], sizeof(Vec));
+}
+
+// out[0, head_dim) = the sum over keys [begin, end) of p[key] · values[key], in key order per element.
+template <typename In, typename Acc>
+FASTBON_INLINE void weighted_values(const In* values, const Acc* p, int64_t begin, int64_t end, int64_t head_dim,
+                                    Acc* out) {
+  if constexpr (std::is_same_v<In, Acc>) {
+    if (head_dim == 64) return weighted_values_fixed<Acc, 64>(values, p, begin, end, out);
+    if (head_dim == 128) return weighted_values_fixed<Acc, 128>(values, p, begin, end, out);
+  }
+  std::fill(out, out + head_dim, Acc(0));
+  for (int64_t key = begin; key < end; ++key) {
+    const In* value_row = values + key * head_dim;
+    const Acc weight = p[key];
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += weight * to_float(value_row[d]);
+  }
+}
+
 // Few rows (a sample's suffix): per row, dot products with each key, softmax, then a weighted sum of values.
 template <typename In, typename Acc>
 FASTBON_INLINE void attend_rows(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap, Acc* scratch) {
@@ -110,13 +153,7 @@ FASTBON_INLINE void attend_rows(const Segment<In, Acc>& segment, int64_t head_di
       row[key] = p;
       sum += p;
     }
-    std::fill(accumulator, accumulator + head_dim, Acc(0));
-    for (int64_t key = begin; key < segment.length; ++key) {
-      const In* value_row = segment.values + key * head_dim;
-      const Acc p = row[key];
-#pragma omp simd
-      for (int64_t d = 0; d < head_dim; ++d) accumulator[d] += p * to_float(value_row[d]);
-    }
+    weighted_values(segment.values, row, begin, segment.length, head_dim, accumulator);
     Acc* destination = segment.out + r * segment.out_stride;
     const Acc inverse = Acc(1) / sum;
 #pragma omp simd
