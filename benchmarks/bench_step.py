@@ -68,7 +68,8 @@ def measure(shape, prompt_len=2048, n=32, new_tokens=64, compile=False, repeats=
     gemm_step = linear_flops_per_step(model, n) / rate
     with_attention = gemm_step + attention_flops_per_step(model, prompt_len, n, new_tokens) / rate
     print(f"large-GEMM rate {rate / 1e9:.1f} GFLOP/s; decode step {1e3 * step:.1f} ms (P={prompt_len}, n={n}, "
-          f"{'compiled' if compile else 'eager'}, median of {repeats}: {1e3 * min(steps):.1f}-{1e3 * max(steps):.1f}); its linear layers' products at that rate {1e3 * gemm_step:.1f} ms: "
+          f"{'compiled' if compile else 'eager'}, median of {repeats}: {1e3 * min(steps):.1f}-{1e3 * max(steps):.1f}); "
+          f"its linear layers' products at that rate {1e3 * gemm_step:.1f} ms: "
           f"step / GEMM time = {step / gemm_step:.2f} (target <= 1.5); with attention's products too "
           f"{1e3 * with_attention:.1f} ms: {step / with_attention:.2f}")
     return step, gemm_step
