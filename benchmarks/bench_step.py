@@ -8,7 +8,7 @@ step's matrix products are every linear layer of the model, the LM head included
 FLOPs; attention's own products are not counted, so the ratio charges fastbon's attention to the step); a second
 ratio counts attention's q·K and p·V products too (at the middle of the generation's key count). The step
 time is a timed ``fastbon.generate`` call's decode (its total minus its prefill) over the forwards it ran, after
-an untimed warm-up call; the median of ``--repeats`` timed calls (single calls moved by up to 10 % here).
+an untimed warm-up call; the median of ``--repeats`` timed calls (calls moved by up to 15 % here).
 """
 
 import argparse
