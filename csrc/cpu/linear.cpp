@@ -2,13 +2,13 @@
 // decode step (fastbon.ops.skinny_linear).
 //
 // A decode step multiplies a handful of rows (the live samples) by every weight matrix of the model, so each
-// weight byte is used `rows` times: the product is bound by streaming the weights, not by FLOPs. BLAS libraries
-// tune for square shapes; MKL's float32 GEMM on a 2-core AVX2 EPYC runs [4, 512] x [512, 32000] at 3.4 GB/s of
-// weights (benchmarks/RESULTS.md). Here each thread streams its own contiguous range of weight rows once, in
-// tiles of tile_columns rows, and computes every x row against a tile while it is in L1: kRowBlock x tile_columns
-// dot products, each held as one vector of partial sums in registers and summed pairwise at the end. Weights are
-// read in their own [out, in] layout: nothing is repacked or copied. bfloat16 runs on VDPBF16PS where the CPU has
-// it, else widened to float32 per tile.
+// weight byte is used `rows` times: at a few rows the product is bound by streaming the weights, at 32 rows by the
+// FMA units (the kernel then runs at about the large-GEMM rate). BLAS libraries tune for square shapes; MKL's
+// float32 GEMM on a 2-core AVX2 EPYC runs [4, 512] x [512, 32000] at 3.4 GB/s of weights (benchmarks/RESULTS.md).
+// Here each thread streams its own contiguous range of weight rows once, in tiles of tile_columns rows, and computes
+// every x row against a tile while it is in L1: kRowBlock x tile_columns dot products, each held as one vector of
+// partial sums in registers and summed pairwise at the end. Weights are read in their own [out, in] layout: nothing
+// is repacked or copied. bfloat16 runs on VDPBF16PS where the CPU has it, else widened to float32 per tile.
 //
 // Every output is the same sequence of operations whatever the number of rows, the row's place in the batch or the
 // column's place in a tile: the same inputs give the same bits in any batch, which fastbon's decode relies on
@@ -147,6 +147,7 @@ FASTBON_INLINE void fold_group(const Vec (&acc)[Rows][Cols], float* sums, std::i
   ((First + I < Rows * Cols ? void(sums[First + I] = folded[sum_lane(I, Lanes)]) : void()), ...);
 }
 
+// sums[i] = the pairwise sum of the lanes of accumulator i (row by row), for all Rows x Cols of them, Lanes at a time.
 template <int Lanes, int First = 0, typename Vec, int Rows, int Cols>
 FASTBON_INLINE void pairwise_sums(const Vec (&acc)[Rows][Cols], float* sums) {
   fold_group<Lanes, First>(acc, sums, std::make_integer_sequence<int, Lanes>{});
