@@ -15,7 +15,6 @@
 // (a sample's tokens do not depend on which samples share its batch).
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -40,9 +39,10 @@ constexpr int kRowBlock = 4;  // x rows per tile
 // GFLOP/s on an AVX-512 EPYC whose large fp32 GEMM runs at 190.)
 constexpr int tile_columns(int lanes) { return lanes == 16 ? 5 : 3; }
 constexpr int kMostTileColumns = 5;
-// Weight rows per block, the unit that threads and panels split the weights by: a multiple of every tile width (5
-// and 3), so only the last range of a product ends in a narrower tile.
-constexpr int kColBlock = 15;
+// Weight rows per block, the unit that threads and panels split the weights by: a multiple of every tile width, so
+// only the last range of a product ends in a narrower tile.
+constexpr int kColBlock = tile_columns(16) * tile_columns(8);
+static_assert(kColBlock % tile_columns(4) == 0, "a block holds whole tiles of every instruction set");
 // How far ahead of the tile each weight row is prefetched, in tiles, into L2 (locality 1: PREFETCHT1). The hardware
 // prefetcher alone left the [4, 512] x [512, 32000] product at 9 GB/s of weights on an AVX2 EPYC; prefetching two
 // tiles ahead brought it to 15 GB/s (a plain sum of the same bytes read 18 GB/s). On an AVX-512 EPYC, prefetching

@@ -100,7 +100,7 @@ _LINEAR = torch.nn.functional.linear
 class SkinnyLinears(TorchFunctionMode):
     """Inside one of fastbon's decode forwards on CPU: the model's ``nn.Linear`` products run
     ``fastbon.ops.skinny_linear``'s cpu kernel, which streams each weight matrix once for up to 32 rows (torch's BLAS
-    GEMM ran 1.6-4.4x slower at those shapes in float32: benchmarks/RESULTS.md) and sums every output in one fixed
+    GEMM ran 1.8-5.0x slower at those shapes in float32: benchmarks/RESULTS.md) and sums every output in one fixed
     order whatever the batch, so a sample's products do not depend on which samples share its batch: waves under
     ``max_memory`` and preemption give the bits of one wave. Wider batches take it too, for that reason (at 128 rows
     it measured as fast as torch's GEMM in float32).
