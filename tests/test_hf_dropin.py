@@ -1,9 +1,7 @@
-"""The HF drop-in (model.generate(..., custom_generate=fastbon.hf.generate) and pipeline("text-generation")):
+"""The HF drop-in (model.generate(..., custom_generate=fastbon.integrations.transformers.generate) and
+pipeline("text-generation")):
 HF's layout, every setting honoured exactly (greedy against HF token for token, sampled draws re-scored against
 HF's own processors) or refused by name."""
-
-import ast
-import inspect
 
 import pytest
 import torch
@@ -21,9 +19,8 @@ from transformers import (
 )
 
 import fastbon
+from fastbon.integrations.transformers import generate as DROP_IN
 from fastbon.models import load_default_model
-
-DROP_IN = fastbon.hf.generate
 
 
 @pytest.fixture(scope="module")
@@ -176,14 +173,34 @@ def test_unhonoured_settings_are_refused_by_name(addition, change, name):
         model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, **change)
 
 
-def test_assistant_and_streamer_are_refused(addition):
-    """transformers keeps both from a custom_generate callable; the drop-in finds them in generate's frame."""
+class _Recorder(TextStreamer):
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.puts = 0
+
+    def put(self, value):
+        self.puts += 1
+
+
+def test_what_transformers_keeps_from_the_entry(addition):
+    """transformers (5.x) hands a custom_generate callable neither streamer nor assistant_model (docs/frameworks.md):
+    the streamer gets the prompt only, an assistant changes no token (greedy here) and HF itself refuses it with
+    n > 1. Should a transformers pass them on, the entry refuses them by name."""
     model, tokenizer = addition
     inputs = _inputs(tokenizer, ("12+3=",))
-    with pytest.raises(ValueError, match="streamer"):
-        model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, streamer=TextStreamer(tokenizer))
-    with pytest.raises(ValueError, match="assistant_model"):
-        model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, assistant_model=model)
+    plain = model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4)
+    streamer = _Recorder(tokenizer)
+    assert torch.equal(model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, streamer=streamer), plain)
+    assert streamer.puts == 1, "the prompt, put by transformers before the entry runs"
+    assert torch.equal(model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, assistant_model=model),
+                       plain)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(**inputs, custom_generate=DROP_IN, max_new_tokens=4, assistant_model=model, do_sample=True,
+                       num_return_sequences=2)
+    config = model.generation_config
+    for name, value in (("streamer", streamer), ("assistant_model", model)):
+        with pytest.raises(ValueError, match=name):
+            DROP_IN(model, inputs["input_ids"], generation_config=config, **{name: value})
 
 
 def test_bad_inputs(addition):
@@ -195,11 +212,3 @@ def test_bad_inputs(addition):
         fastbon.generate(model, ids, stop_strings=["5"])
     with pytest.raises(TypeError, match="generation_config"):
         DROP_IN(model, ids)
-
-
-def test_hf_glue_does_not_import_the_decode_loop():
-    """hf.py sits below generate.py: the HF-style entry lives in fastbon.integrations.transformers."""
-    tree = ast.parse(inspect.getsource(fastbon.hf))
-    top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
-    assert not any(getattr(node, "module", None) in ("generate", "fastbon.generate") for node in top_level)
-    assert DROP_IN is fastbon.integrations.transformers.generate

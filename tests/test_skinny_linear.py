@@ -1,5 +1,5 @@
 """skinny_linear: the cpu kernel against a float64 product, on every instruction-set variant, and its routing of
-a decode step's linear layers (hf.SkinnyLinears): per thread, only products it computes as asked."""
+a decode step's linear layers (routing.SkinnyLinears): per thread, only products it computes as asked."""
 
 import threading
 
@@ -8,7 +8,7 @@ import torch
 from hf_models import VOCAB, tiny_model
 
 import fastbon
-from fastbon import _cpp_ops, hf
+from fastbon import _cpp_ops, routing
 from fastbon.ops import skinny_linear
 from fastbon.ops.skinny_linear import SKINNY_ROWS
 
@@ -126,7 +126,7 @@ def test_the_routing_holds_for_its_own_thread_only(monkeypatch):
     layer = torch.nn.Linear(8, 16)
     x = torch.randn(3, 8)
     other = []
-    with torch.no_grad(), hf.SkinnyLinears():
+    with torch.no_grad(), routing.SkinnyLinears():
         routed = layer(x)
         thread = threading.Thread(target=lambda: other.append(layer(x)))
         thread.start()
@@ -138,10 +138,10 @@ def test_the_routing_holds_for_its_own_thread_only(monkeypatch):
 def test_products_that_need_a_gradient_are_not_routed(monkeypatch):
     calls = _counting(monkeypatch)
     layer = torch.nn.Linear(8, 16)
-    with hf.SkinnyLinears():
+    with routing.SkinnyLinears():
         out = layer(torch.randn(3, 8))
     assert not calls and out.grad_fn is not None
-    with torch.no_grad(), hf.SkinnyLinears():
+    with torch.no_grad(), routing.SkinnyLinears():
         layer.double()(torch.randn(2, 8).double())  # a dtype it does not take
     assert not calls
 

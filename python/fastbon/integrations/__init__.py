@@ -1,6 +1,6 @@
 """Adapters that let other frameworks call fastbon: thin translations onto ``fastbon.generate``, no logic of their own.
 
-- ``fastbon.integrations.transformers``: ``model.generate(..., custom_generate=fastbon.hf.generate)`` and the
+- ``fastbon.integrations.transformers``: its ``generate`` is the ``custom_generate=`` of ``model.generate`` and the
   ``pipeline("text-generation")`` path; every generation setting is honoured exactly or refused by name.
 - ``fastbon.integrations.trl``: ``rollout_func`` for TRL's ``GRPOTrainer`` and the ``FastbonGeneration`` mix-in
   for ``RLOOTrainer`` (and ``GRPOTrainer`` without ``rollout_func``). Needs ``pip install fastbon[trl]``.

@@ -1,7 +1,8 @@
-"""The Hugging Face entry: ``model.generate(..., custom_generate=fastbon.hf.generate)``, also under
-``pipeline("text-generation")``.
+"""The Hugging Face entry: ``model.generate(..., custom_generate=fastbon.integrations.transformers.generate)``, also
+under ``pipeline("text-generation")``.
 
-Every generation setting is either honoured exactly or refused with one error that names it — never dropped:
+Every generation setting that reaches this entry is either honoured exactly or refused with one error that names
+it — never dropped:
 
 - honoured: ``do_sample`` (False = greedy), ``temperature``, ``top_k`` (HF's default 50 included), ``top_p``,
   ``min_p``, ``repetition_penalty``, ``max_new_tokens`` / ``max_length``, ``eos_token_id``,
@@ -9,23 +10,29 @@ Every generation setting is either honoured exactly or refused with one error th
   (5.x) does not hand ``tokenizer=`` to a callable ``custom_generate``, so its own ``stop_strings=`` check fails
   before this entry runs (with HF's error, nothing silent);
 - inert here (they cannot change which tokens come out): special-token ids, HF's own cache and compile choices,
-  beam-only and assistant-only knobs (beams and assistants themselves are refused);
+  beam-only and assistant-only knobs, ``negative_prompt_ids`` without ``guidance_scale`` (HF ignores them too);
 - refused: any other setting away from HF's default (``num_beams > 1``, ``no_repeat_ngram_size``,
-  ``bad_words_ids``, ``min_new_tokens``, ``typical_p``, ``output_scores``, ...), custom ``logits_processor`` /
-  ``stopping_criteria`` entries, ``prefix_allowed_tokens_fn``, ``assistant_model``, ``streamer``, and model
-  inputs other than ids and their mask.
+  ``bad_words_ids``, ``min_new_tokens``, ``typical_p``, ``guidance_scale``, ``output_scores``, ...), custom
+  ``logits_processor`` / ``stopping_criteria`` entries, ``prefix_allowed_tokens_fn`` (HF builds a processor of
+  it), and model inputs other than ids and their mask.
+
+transformers (5.x) keeps two arguments of its ``generate`` from any callable ``custom_generate``: ``streamer``
+(it receives the prompt ids, then nothing: the completions come back at the end) and ``assistant_model``
+(assisted decoding only speeds up drawing from the model itself; HF refuses it with ``num_return_sequences > 1``).
+This entry never sees them, so it can refuse neither; it refuses them when a later transformers passes them.
 
 The same check serves the other adapters (``generation_settings``), so TRL's and lm-eval's settings go through it.
 """
 
 import copy
-import sys
 
 import torch
 from transformers import GenerationConfig
 from transformers.generation import logits_process, stopping_criteria
 
 from ..generate import generate as fastbon_generate
+
+ENTRY = "fastbon.integrations.transformers.generate"  # how errors name this entry
 
 HONOURED = frozenset({"do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "max_new_tokens",
                       "max_length", "eos_token_id", "stop_strings", "num_return_sequences"})
@@ -114,6 +121,8 @@ def _check_prepared_lists(config, logits_processor, stopping) -> None:
         expected = PROCESSORS.get(type(processor))
         if type(processor) is logits_process.LogitNormalization:
             continue  # renormalize_logits: the sampled distribution is the same
+        if type(processor) is logits_process.PrefixConstrainedLogitsProcessor:
+            raise ValueError(f"prefix_allowed_tokens_fn is not supported by {ENTRY}")
         if expected is None or getattr(processor, expected[0]) != getattr(config, expected[1]):
             raise ValueError(f"logits_processor {type(processor).__name__} is not supported by fastbon (only what "
                              "the generation config's honoured settings build)")
@@ -124,21 +133,11 @@ def _check_prepared_lists(config, logits_processor, stopping) -> None:
                              "max_new_tokens / max_length, eos_token_id and stop_strings)")
 
 
-def _check_generate_arguments() -> None:
-    """transformers hands a custom_generate callable neither the streamer nor the assistant model: they stay in the
-    frame of its ``generate``. Read them there, so that neither is dropped without a word."""
-    frame = sys._getframe(2)
-    if frame.f_code.co_name != "generate" or frame.f_globals.get("__name__") != "transformers.generation.utils":
-        return
-    for name in ("streamer", "assistant_model", "prefix_allowed_tokens_fn", "negative_prompt_ids"):
-        if frame.f_locals.get(name) is not None:
-            raise ValueError(f"{name} is not supported by fastbon.hf.generate")
-
-
 def generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
-             synced_gpus=False, streamer=None, fastbon_score="mean_logprob", fastbon_seed=None,
+             synced_gpus=False, streamer=None, assistant_model=None, fastbon_score="mean_logprob", fastbon_seed=None,
              fastbon_stop_strings=None, fastbon_tokenizer=None, **model_kwargs):
-    """``model.generate(**inputs, custom_generate=fastbon.hf.generate, num_return_sequences=n, ...)``.
+    """``model.generate(**inputs, custom_generate=fastbon.integrations.transformers.generate,
+    num_return_sequences=n, ...)``.
 
     transformers hands over ``input_ids`` already repeated n times per prompt (token ids only, a cheap copy); this
     takes every n-th row, so each prompt is still prefilled and stored once, runs ``fastbon.generate`` with the
@@ -148,21 +147,21 @@ def generate(model, input_ids, logits_processor=None, stopping_criteria=None, ge
     ``fastbon_seed``: an int or one int per prompt, as ``fastbon.generate``'s ``seed``. ``fastbon_stop_strings``
     with ``fastbon_tokenizer``: stop strings, matched as HF's ``stop_strings`` are.
     """
-    _check_generate_arguments()
     if generation_config is None:
-        raise TypeError("fastbon.hf.generate runs as model.generate(..., custom_generate=fastbon.hf.generate), "
-                        "which passes generation_config")
-    if streamer is not None:
-        raise ValueError("streamer is not supported by fastbon.hf.generate")
+        raise TypeError(f"{ENTRY} runs as model.generate(..., custom_generate={ENTRY}), which passes "
+                        "generation_config")
+    for name, value in (("streamer", streamer), ("assistant_model", assistant_model)):
+        if value is not None:
+            raise ValueError(f"{name} is not supported by {ENTRY}")
     if synced_gpus:
-        raise ValueError("synced_gpus is not supported by fastbon.hf.generate")
+        raise ValueError(f"synced_gpus is not supported by {ENTRY}")
     unsupported = sorted(set(model_kwargs) - MODEL_INPUTS)
     if unsupported:
-        raise ValueError(f"model inputs {unsupported} are not supported by fastbon.hf.generate (ids and mask only)")
+        raise ValueError(f"model inputs {unsupported} are not supported by {ENTRY} (ids and mask only)")
     for name in ("cache", "past_key_values"):
         cache = model_kwargs.get(name)
         if cache is not None and cache.get_seq_length() > 0:
-            raise ValueError(f"{name}: continuing from a filled cache is not supported by fastbon.hf.generate")
+            raise ValueError(f"{name}: continuing from a filled cache is not supported by {ENTRY}")
     settings = generation_settings(generation_config, input_ids.shape[1])
     if fastbon_stop_strings is not None:
         settings.update(stop_strings=fastbon_stop_strings, tokenizer=fastbon_tokenizer)
