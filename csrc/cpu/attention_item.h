@@ -1,5 +1,5 @@
 // The work item of the CPU shared-prefix attention and the sizes its kernels share: attention.cpp builds and
-// runs the items; attention_amx.cpp runs bfloat16 items on AMX tiles.
+// runs the items; attention_item.cpp runs them on the vector units, attention_amx.cpp bfloat16 items on AMX tiles.
 #pragma once
 
 #include <algorithm>
@@ -61,6 +61,18 @@ int64_t scratch_elements(int64_t head_dim) {
   return kChunk * head_dim + kChunk * padded_dim + head_dim * kRowBlock + kChunk * kRowBlock +
          kRowBlock * padded_dim + 2 * kRowBlock;
 }
+
+// An item on the vector units (attention_item.cpp), one function per instruction set (the caller picks by
+// active_isa()): queries scaled, softcap 0 = none, scratch of scratch_elements<Acc>(head_dim). Writes each row's
+// normalised partial and log-sum-exp.
+template <typename In, typename Acc>
+FASTBON_TARGET_AVX512 void attend_segment_avx512(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap,
+                                                 Acc* scratch);
+template <typename In, typename Acc>
+FASTBON_TARGET_AVX2 void attend_segment_avx2(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap,
+                                             Acc* scratch);
+template <typename In, typename Acc>
+void attend_segment_baseline(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap, Acc* scratch);
 
 constexpr int64_t kAmxTileDepth = 32;  // bf16 elements in an AMX tile row: the AMX kernel takes head_dim % 32 == 0
 
