@@ -13,11 +13,12 @@
 // x 4 bytes of traffic: at the shape above in bf16, 128-key chunks make that 2x the prefix bytes (the first
 // version's 32-key chunks made it 8x).
 // Pass 2, one warp per (sample, q head): online softmax over the sample's suffix keys, merged with the prefix
-// partials by their log-sum-exp (FlashInfer's merge_state); no keys gives zeros.
+// partials by their log-sum-exp (merge_state.cuh); no keys gives zeros.
 #include <cfloat>
 
 #include "attention_tensor_cores.cuh"
 #include "device_utils.cuh"
+#include "merge_state.cuh"
 #include "ops.cuh"
 
 namespace fastbon::cuda {
@@ -25,23 +26,7 @@ namespace {
 
 constexpr int kWarps = 4;
 static_assert(kMmaWarps == kWarps, "both pass-1 kernels launch kWarps warps");
-constexpr int kMaxPerLane = kMaxHeadDim / 32;
 constexpr size_t kStagingBudget = 80 * 1024;  // CUDA-core kernel: bytes of keys + values per block
-
-// Running softmax state of one query row held by a warp: lane l owns output dims l, l + 32, ...
-struct RowState {
-  float maximum;
-  float sum;
-  float acc[kMaxPerLane];
-};
-
-__device__ __forceinline__ void rescale(RowState& state, float new_maximum) {
-  const float factor = state.maximum == -INFINITY ? 0.0f : __expf(state.maximum - new_maximum);
-  state.sum *= factor;
-#pragma unroll
-  for (int i = 0; i < kMaxPerLane; ++i) state.acc[i] *= factor;
-  state.maximum = new_maximum;
-}
 
 // Keys are staged with a row stride of head_dim plus 4 bytes: an odd number of 4-byte words whenever head_dim is
 // even, so lane j reading key row j hits a distinct bank.
@@ -187,15 +172,7 @@ __global__ void suffix_merge_kernel(const T* __restrict__ q, const T* __restrict
   const int used_chunks = (prefix_lens[sample_to_prompt[sample]] + chunk_keys - 1) / chunk_keys;
   for (int chunk = 0; chunk < used_chunks; ++chunk) {
     const int64_t slot = row * slots + chunk;
-    const float lse = partial_lse[slot];
-    if (lse > state.maximum) rescale(state, lse);
-    const float weight = __expf(lse - state.maximum);
-    state.sum += weight;
-#pragma unroll
-    for (int i = 0; i < kMaxPerLane; ++i) {
-      const int d = lane + 32 * i;
-      if (d < head_dim) state.acc[i] += weight * partial_out[slot * head_dim + d];
-    }
+    merge_state(state, partial_lse[slot], partial_out + slot * head_dim, lane, head_dim);
   }
   const float inverse = state.sum > 0.0f ? 1.0f / state.sum : 0.0f;
 #pragma unroll
