@@ -1,108 +1,16 @@
-"""Best-of-n decoding: prefill each prompt once, fork n samples over a shared prefix, decode, score, select."""
-
-from dataclasses import dataclass, field
+"""Best-of-n decoding: ``fastbon.generate``, a blocking call over B prompts on an engine of its own."""
 
 import torch
 
 from . import hf
-from .decode import FINISH_REASONS, LOGPROB_MODES, PRUNED, DecodeSettings, decode
-from .memory import parse_budget
-from .ops.sampling import sampling_params
-from .ops.topk import select_topk
+from .config import SamplingConfig
+from .decode import FINISH_REASONS
+from .engine import Engine
 from .prompts import prepare_prompts, special_ids
-from .scoring import Pruning, Samples, check_score, compute_scores
-from .stop_strings import StopStrings
+from .result import GenerationResult, concatenate
+from .seeds import check_seed, sample_seeds
 
-__all__ = ["FINISH_REASONS", "GenerationResult", "generate"]
-
-
-@dataclass
-class GenerationResult:
-    """The best k of n samples per prompt (and all n with ``return_all=True``).
-
-    sequences [B, k, T] generated ids only, padded with the pad id; lengths [B, k]; scores [B, k];
-    token_logprobs [B, k, T] per-token log-probabilities in the call's ``logprobs`` mode (0 on padding);
-    ``indices`` [B, k] which of the n samples each is; finish_reasons [B, k] int8 indices into
-    ``fastbon.FINISH_REASONS``. ``stats`` holds what the run did: tokens prefilled, KV bytes (the suffix at its
-    peak), decode steps, tokens generated (the rows each step ran: finished and pruned samples leave the batch),
-    samples pruned.
-    """
-
-    sequences: torch.Tensor
-    lengths: torch.Tensor
-    scores: torch.Tensor
-    token_logprobs: torch.Tensor
-    indices: torch.Tensor
-    finish_reasons: torch.Tensor | None = None
-    all_sequences: torch.Tensor | None = None
-    all_lengths: torch.Tensor | None = None
-    all_scores: torch.Tensor | None = None
-    all_token_logprobs: torch.Tensor | None = None
-    all_finish_reasons: torch.Tensor | None = None
-    stats: dict = field(default_factory=dict)
-
-
-def _positive_int(name, value, low=1):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"{name} must fit in 64 bits, got {value}")
-
-
-def check_seed(seed, num_prompts: int | None = None) -> None:
-    """``seed`` is None, an int, or one int per prompt."""
-    if seed is None:
-        return
-    if isinstance(seed, (list, tuple)):
-        if num_prompts is not None and len(seed) != num_prompts:
-            raise ValueError(f"seed must hold one int per prompt ({num_prompts}), got {len(seed)}")
-        for position, value in enumerate(seed):
-            _check_int(f"seed[{position}]", value)
-        return
-    if isinstance(seed, torch.Tensor):
-        raise TypeError("seed must be an int, a list of ints (one per prompt) or None, got a tensor: pass .tolist()")
-    _check_int("seed", seed)
-
-
-def sample_seeds(seed, num_prompts: int, n: int) -> torch.Tensor:
-    """The Philox seed of each of the B·n samples (prompt-major). With one seed per prompt, prompt b's n seeds come
-    from ``seed[b]`` alone — what an int seed gives a batch of one prompt — so its samples never depend on which
-    prompts share its batch."""
-    def draw(count, value):
-        generator = torch.Generator().manual_seed(value) if value is not None else None
-        return torch.randint(-(2**63), 2**63 - 1, (count,), generator=generator, dtype=torch.int64)
-
-    if isinstance(seed, (list, tuple)):
-        return torch.cat([draw(n, value % 2**64) for value in seed])
-    return draw(num_prompts * n, None if seed is None else seed % 2**64)
-
-
-def _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, repetition_penalty):
-    n = _positive_int("n", n)
-    k = _positive_int("k", k)
-    if k > n:
-        raise ValueError(f"k must be <= n, got k={k} > n={n}")
-    _positive_int("max_new_tokens", max_new_tokens)
-    check_score(score)
-    if prune is not None:
-        if not isinstance(prune, Pruning):
-            raise TypeError(f"prune must be a fastbon.Pruning or None, got {type(prune).__name__}")
-        prune.check()
-    if not isinstance(return_all, bool):
-        raise TypeError(f"return_all must be a bool, got {type(return_all).__name__}")
-    if logprobs not in LOGPROB_MODES:
-        raise ValueError(f"logprobs must be one of {LOGPROB_MODES}, got {logprobs!r}")
-    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) or not (
-            0 < repetition_penalty < float("inf")):
-        raise ValueError(f"repetition_penalty must be a positive finite number, got {repetition_penalty!r}")
+__all__ = ["FINISH_REASONS", "GenerationResult", "generate", "run_requests"]
 
 
 def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -145,52 +53,47 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
         GenerationResult: sequences/lengths/scores/token_logprobs/finish_reasons of the best k per prompt, and all
         n on request.
     """
-    _check_settings(n, k, max_new_tokens, score, prune, return_all, logprobs, repetition_penalty)
-    parse_budget(max_memory)
+    config = SamplingConfig(n=n, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                            stop_strings=stop_strings, logprobs=logprobs, score=score, prune=prune,
+                            return_all=return_all)
+    return run_requests(model, input_ids, attention_mask, config, seed, tokenizer=tokenizer, backend=backend,
+                        max_memory=max_memory, compile=compile)
+
+
+def run_requests(model, input_ids, attention_mask, config: SamplingConfig, seed, *, tokenizer=None, backend=None,
+                 max_memory=None, compile=False, search=None) -> GenerationResult:
+    """The B prompts of ``input_ids`` as B requests of one engine driven from this thread, their results as one
+    ``GenerationResult``; ``search(prompt_index)`` gives each request's fork hook (``fastbon.search``)."""
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
-    stops = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     hf.check_model(model, 0)
-    eos_ids, pad_token_id = special_ids(model, eos_token_id)
+    special_ids(model, None if config.eos_token_id is None else list(config.eos_token_id))
     device = model.get_output_embeddings().weight.device
     prompts = prepare_prompts(input_ids, attention_mask, model.get_input_embeddings().weight.shape[0], device)
-    num_prompts = len(prompts)
-    check_seed(seed, num_prompts)
-    hf.check_model(model, max(prompt.numel() for prompt in prompts) + max_new_tokens)
-    params = sampling_params(num_prompts * n, device, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, seed=sample_seeds(seed, num_prompts, n).to(device))
-    settings = DecodeSettings(n=n, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
-                              backend=backend, prune=prune, logprobs=logprobs, stops=stops,
-                              repetition_penalty=float(repetition_penalty), compile=compile)
-    stats = {}
+    check_seed(seed, len(prompts))
+    seeds = sample_seeds(seed, len(prompts), config.n).view(len(prompts), config.n)
+    engine = Engine(model, tokenizer, max_rows=len(prompts) * config.n, max_memory=max_memory, backend=backend,
+                    compile=compile, prefix_cache=False, background=False)
     with torch.no_grad():
-        output = decode(model, prompts, params, settings, stats, max_memory)
-        return select_best(output, prompts, n, score, k, return_all, backend, pad_token_id, stats)
-
-
-def select_best(output, prompts: list, n: int, score, k: int, return_all: bool, backend, pad_token_id: int,
-                stats: dict) -> GenerationResult:
-    """The call's ``GenerationResult`` from the decode's per-sample output (``decode.DecodeOutput``, prompt-major):
-    every sample scored, the best k per prompt selected on the device."""
-    num_prompts = len(prompts)
-    device = output.tokens.device
-    samples = Samples(prompts=[prompt.to(device) for prompt in prompts],
-                      sequences=output.tokens.view(num_prompts, n, -1), lengths=output.lengths.view(num_prompts, n),
-                      token_logprobs=output.logprobs.view(num_prompts, n, -1), pad_token_id=pad_token_id)
-    finish_reasons = output.finish_reasons.masked_fill(output.pruned, PRUNED).view(num_prompts, n)
-    # A pruned sample is unfinished: it ranks below every sample that ran to the end.
-    scores = compute_scores(score, samples).masked_fill(output.pruned.view(num_prompts, n), float("-inf"))
-    best_scores, best = select_topk(scores, k, backend=backend)
-
-    def pick(values):
-        index = best.view(num_prompts, k, *([1] * (values.dim() - 2))).expand(-1, -1, *values.shape[2:])
-        return values.gather(1, index)
-
-    result = GenerationResult(sequences=pick(samples.sequences), lengths=pick(samples.lengths), scores=best_scores,
-                              token_logprobs=pick(samples.token_logprobs), indices=best,
-                              finish_reasons=pick(finish_reasons), stats=stats)
-    if return_all:
-        result.all_sequences, result.all_lengths = samples.sequences, samples.lengths
-        result.all_scores, result.all_token_logprobs = scores, samples.token_logprobs
-        result.all_finish_reasons = finish_reasons
+        requests = [engine.submit(prompt, config, seeds=seeds[index],
+                                  search=None if search is None else search(index))
+                    for index, prompt in enumerate(prompts)]
+        engine.run_until(lambda: all(request.done() for request in requests))
+        results = [request.result() for request in requests]
+    _, pad_token_id = special_ids(model, None if config.eos_token_id is None else list(config.eos_token_id))
+    result = concatenate(results, pad_token_id)
+    result.stats = _call_stats([request.stats for request in requests], engine)
     return result
+
+
+def _call_stats(per_request: list, engine) -> dict:
+    """The call's stats: the requests' counts summed, the engine's steps and its KV peak."""
+    stats = {name: sum(stats.get(name, 0) for stats in per_request)
+             for name in ("prefill_tokens", "prefix_cache_hit_tokens", "tokens_generated", "preempted", "pruned",
+                          "prefix_kv_bytes", "checkpoints")}
+    stats.update(decode_steps=engine.counters["decode_steps"], kv_bytes=engine.counters["peak_kv_bytes"],
+                 compile_seconds=engine.decoder.stats.get("compile_seconds", 0.0))
+    if any("generated_kv_bytes" in stats for stats in per_request):
+        stats["generated_kv_bytes"] = [stats.get("generated_kv_bytes", []) for stats in per_request]
+    return stats

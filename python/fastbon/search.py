@@ -12,16 +12,15 @@ Rows that finished (EOS) stay in the population, masked, until every row has: a 
 (its children are finished too), a finished beam keeps its place while it is among the best.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from . import hf
-from .decode import SYNC_EVERY, DecodeOutput, DecodeSettings, _Run
-from .generate import GenerationResult, _check_settings, check_seed, sample_seeds, select_best
-from .memory import call_budget, parse_budget
-from .ops.sampling import sampling_params
+from .config import SamplingConfig
+from .generate import GenerationResult, run_requests
 from .ops.topk import select_topk
-from .prefill import prefill
-from .prompts import prepare_prompts, special_ids
+from .seeds import check_seed
 
 RESAMPLE = ("systematic", "multinomial")
 
@@ -72,72 +71,39 @@ def _check_search(every, step_score):
                         f"{type(step_score).__name__}")
 
 
+@dataclass
+class ForkHook:
+    """What makes a request a search: at every ``every`` of its steps the engine scores its partial samples with
+    ``step_score`` and rebuilds the population from ``choose(weights [1, width], finished [1, width], generator)
+    -> parents [1, width]`` (``fastbon.engine_policies.fork``)."""
+
+    every: int
+    step_score: Callable
+    choose: Callable
+    generator: torch.Generator
+
+
 def _search(model, input_ids, width, choose, *, step_score, every, temperature, top_k, top_p, min_p, max_new_tokens,
             eos_token_id, seed, attention_mask, backend, score, k, return_all, max_memory, what):
-    """The decode loop with checkpoints: at each, ``choose(weights, finished, generator) -> parents`` [B, width]
-    (each new row's parent among its prompt's rows) and a fork."""
+    """The prompts as requests whose fork hook ``choose`` picks each new row's parent at every checkpoint."""
     _check_search(every, step_score)
-    _check_settings(width, k, max_new_tokens, score if score is not None else "mean_logprob", None, return_all,
-                    "raw", 1.0)
-    parse_budget(max_memory)
-    hf.check_model(model, 0)
-    eos_ids, pad_token_id = special_ids(model, eos_token_id)
-    device = model.get_output_embeddings().weight.device
-    prompts = prepare_prompts(input_ids, attention_mask, model.get_input_embeddings().weight.shape[0], device)
-    num_prompts, num_rows = len(prompts), len(prompts) * width
-    check_seed(seed, num_prompts)
-    hf.check_model(model, max(prompt.numel() for prompt in prompts) + max_new_tokens)
-    # Every row of a prompt is ranked against the others at each checkpoint: they must decode together.
-    budget = call_budget(model, [prompt.numel() for prompt in prompts], max_new_tokens, max_memory, device)
-    fitting = budget.rows_fitting(max_new_tokens)
-    if fitting < num_rows:
-        raise MemoryError(f"{what} = {width} rows per prompt x {num_prompts} prompts = {num_rows} rows must decode "
-                          f"together, and only {fitting} fit in max_memory={budget.budget / 2**20:.1f} MiB "
-                          f"(each up to {budget.estimate['per_row'] / 2**20:.1f} MiB); lower them or max_new_tokens")
-    params = sampling_params(num_rows, device, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                             seed=sample_seeds(seed, num_prompts, width).to(device))
-    settings = DecodeSettings(n=width, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_token_id=pad_token_id,
-                              backend=backend, prune=None, logprobs="raw", stops=None, repetition_penalty=1.0)
-    generator = torch.Generator().manual_seed((0 if seed is None else hash(tuple(seed)) if isinstance(
-        seed, (list, tuple)) else seed) % 2**63)
-    stats = {"checkpoints": 0}
-    with torch.no_grad():
-        hf.route_attention(model.config._attn_implementation)
-        prefilled = prefill(model, prompts, pad_token_id, device, stats)
-        stats["prefix_kv_bytes"] = prefilled.nbytes()
-        device_prompts = [prompt.to(device) for prompt in prompts]
-        # Suffix buffers sized to one checkpoint interval: each fork freezes them whole into a level.
-        run = _Run(model, prefilled, device_prompts, torch.arange(num_rows, device=device), params, settings, stats,
-                   first_capacity=every)
-        all_rows = run.batch.sample_ids
-        first_row = (torch.arange(num_prompts, device=device) * width)[:, None]
-        kv_bytes = stats["generated_kv_bytes"] = []  # after each checkpoint's fork, then at the end
-        while run.steps < max_new_tokens:
-            run.step()
-            at_checkpoint = run.steps % every == 0 and run.steps < max_new_tokens
-            if run.steps % SYNC_EVERY == 0 or at_checkpoint or run.steps == max_new_tokens:
-                if bool(run.not_finite):
-                    raise FloatingPointError("the model produced NaN or infinite logits during decoding")
-                if bool(run.batch.finished.all()):
-                    break
-            if at_checkpoint:
-                weights = check_weights(step_score(run.samples_so_far(all_rows, device_prompts)), num_prompts, width)
-                parents = choose(weights, run.batch.finished.view(num_prompts, width).cpu(), generator)
-                run.fork((parents.to(device) + first_row).flatten(), min(every, max_new_tokens - run.steps))
-                stats["checkpoints"] += 1
-                kv_bytes.append(run.cache.nbytes()[1])
-        kv_bytes.append(run.cache.nbytes()[1])
-        stats.update(decode_steps=run.steps, tokens_generated=run.tokens_generated,
-                     suffix_kv_bytes=run.peak_suffix_bytes, levels=run.cache.num_levels)
-        output = _output(run)
-        final_score = score if score is not None else step_score
-        return select_best(output, prompts, width, final_score, k, return_all, backend, pad_token_id, stats)
+    config = SamplingConfig(n=width, k=k, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                            score=score if score is not None else step_score, return_all=return_all)
+    check_seed(seed)
 
+    def hook(prompt_index: int) -> ForkHook:
+        base = 0 if seed is None else seed[prompt_index] if isinstance(seed, (list, tuple)) else seed
+        generator = torch.Generator().manual_seed((base * 1_000_003 + prompt_index) % 2**63)
+        return ForkHook(every, step_score, choose, generator)
 
-def _output(run) -> DecodeOutput:
-    steps = run.steps
-    return DecodeOutput(tokens=run.tokens[:, :steps], logprobs=run.logprobs[:, :steps], lengths=run.lengths,
-                        finish_reasons=run.finish_reasons, pruned=run.pruned)
+    try:
+        return run_requests(model, input_ids, attention_mask, config, seed, backend=backend, max_memory=max_memory,
+                            search=hook)
+    except ValueError as error:
+        if "must decode together" in str(error):
+            raise MemoryError(f"{what} = {width} rows per prompt must decode together: {error}") from error
+        raise
 
 
 def particle_filter(model, input_ids, n, *, step_score, every, resample="systematic", temperature=1.0,
@@ -208,4 +174,4 @@ def beam_search(model, input_ids, beams, expand, *, step_score, every, temperatu
                    return_all=return_all, max_memory=max_memory, what="beams x expand")
 
 
-__all__ = ["RESAMPLE", "beam_search", "check_weights", "particle_filter", "resample_parents"]
+__all__ = ["RESAMPLE", "ForkHook", "beam_search", "check_weights", "particle_filter", "resample_parents"]

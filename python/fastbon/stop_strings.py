@@ -49,3 +49,8 @@ class StopStrings:
             if stops[row] is None and any(string in text for string in self.strings):
                 stops[row] = position
         return stops
+
+    def holds_stop(self, windows: list) -> list:
+        """For each window (a list of token ids), whether its decoded text holds a stop string."""
+        texts = self.tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return [any(string in text for string in self.strings) for text in texts]

@@ -1,0 +1,446 @@
+"""The engine: continuous batching of best-of-n requests over one paged KV tree.
+
+A request's life: waiting → prefilling (its prompt forwarded alone, in chunks of at most ``prefill_chunk`` tokens at
+fixed offsets, one chunk per engine step, interleaved with the decode steps; cached prompt blocks are taken instead
+of forwarded) → its samples admitted as rows while rows and memory allow (each sample's first token drawn from the
+prompt's logits) → every step one forward over all live rows of all requests (``fastbon.decode``) → each row retires
+at EOS, a stop string, max_new_tokens or pruning, and frees its blocks → when all n samples have ended, the request
+is scored, its top k selected, and it completes.
+
+The same bits whatever the load: a prompt is prefilled alone at chunk boundaries that depend only on the prompt and
+``prefill_chunk`` (a cache hit is used only up to a chunk boundary, so the forwarded chunks are the same ones), and
+a decode row's sums depend only on the row (``fastbon.decode``): a request's tokens and log-probs equal those of
+the same request run alone on an idle engine, whatever else runs, arrives, is preempted or is cancelled.
+
+Policies run after each step, on the host (on CPU the host is the device: a read costs nothing): EOS and length,
+stop strings, pruning and forks at the request's own step counts, preemption when the pool is full (the newest
+request's rows go back to waiting and are decoded again later, with the same result), admission.
+"""
+
+import threading
+from collections import deque
+
+import torch
+
+from . import hf
+from .config import SamplingConfig
+from .decode import EOS, LENGTH, PRUNED, STOP, Decoder, invariant_rows
+from .engine_memory import pool_blocks, prefix_keys, weights_version
+from .kv_blocks import BLOCK, BlockPool, PagedCache, PoolFull, PrefixCache
+from .prefill_chunks import forward_chunk
+from .prompts import special_ids
+from .request import Cancelled, Request
+from .result import concatenate, samples_tensors, select_best
+from .rows import Row, step_inputs
+from .scoring import Samples, compute_scores
+from .seeds import sample_seeds
+from .stop_strings import StopStrings
+
+DEFAULT_MAX_ROWS = 256
+
+
+class Engine:
+    """One scheduler over one KV tree for ``model`` (thread-safe: submit from any thread).
+
+    Args:
+        model: a Hugging Face causal LM (``fastbon.hf.check_model`` says what is served).
+        tokenizer: needed for stop strings.
+        max_rows: the most sample rows decoding at once (default 256).
+        max_memory: the bytes the engine's KV pool and step buffers may use (an int or "2GiB"; default 90 % of
+            what the device has free): admission waits, the prefix cache evicts, then the newest rows are preempted.
+        prefill_chunk: the most prompt tokens forwarded per engine step (a multiple of 256).
+        backend: force one backend for the ops. compile: decode steps under ``torch.compile``.
+        prefix_cache: keep prompt blocks across requests (keyed by the weights' versions).
+        background: run the loop on a thread of its own (else the caller drives it: ``step()``, ``generate``).
+    """
+
+    def __init__(self, model, tokenizer=None, *, max_rows=None, max_memory=None, prefill_chunk=512, backend=None,
+                 compile=False, prefix_cache=True, background=True):
+        from .engine_memory import check_engine_arguments
+
+        check_engine_arguments(max_rows, prefill_chunk, compile, prefix_cache, background, max_memory)
+        hf.check_model(model, 0)
+        hf.route_attention(model.config._attn_implementation)
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        self.max_rows = max_rows or DEFAULT_MAX_ROWS
+        self.prefill_chunk, self.max_memory, self.use_prefix_cache = prefill_chunk, max_memory, prefix_cache
+        self.device = model.get_output_embeddings().weight.device
+        self.vocab = model.get_input_embeddings().weight.shape[0]
+        self.decoder = Decoder(model, backend, compile)
+        self.row_multiple = invariant_rows(model)
+        self.pool, self.prefix_cache, self.cache = None, None, None
+        self.waiting, self.prefilling, self.decoding = deque(), deque(), []
+        self.rows: list[Row] = []
+        self.counters = dict(prefill_tokens=0, prefix_cache_hit_tokens=0, decode_steps=0, tokens_generated=0,
+                             preempted=0, requests_finished=0, requests_cancelled=0, requests_failed=0,
+                             peak_kv_bytes=0)
+        self._next_id = 0
+        self._lock = threading.RLock()
+        self._wakeup = threading.Condition(self._lock)
+        self._background, self._thread, self._closed = background, None, False
+
+    # --- the public surface -----------------------------------------------------------------------------------
+    def submit(self, prompt_ids, config: SamplingConfig, *, search=None, seeds=None) -> Request:
+        """Queue one prompt (a list of ids or a 1-D integer tensor) under ``config``; returns its ``Request``.
+        Every check runs here, before any work. ``search``: a fork hook (``fastbon.search``); ``seeds``: the n
+        samples' Philox seeds (int64 [n]; default drawn from ``config.seed``)."""
+        if not isinstance(config, SamplingConfig):
+            raise TypeError(f"config must be a fastbon.SamplingConfig, got {type(config).__name__}")
+        prompt = self._check_prompt(prompt_ids, config)
+        if (config.prune is not None or search is not None) and config.n > self.max_rows:
+            raise ValueError(f"n={config.n} samples that prune or fork must decode together, and max_rows is "
+                             f"{self.max_rows}")
+        stops = StopStrings(list(config.stop_strings), self.tokenizer) if config.stop_strings else None
+        eos_ids, self.pad_token_id = special_ids(self.model, None if config.eos_token_id is None
+                                                 else list(config.eos_token_id))
+        if seeds is None:
+            seeds = sample_seeds(config.seed, 1, config.n)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            request = Request(self, self._next_id, prompt, config, seeds, tuple(eos_ids), stops, search)
+            self._next_id += 1
+            self.waiting.append(request)
+            self._wakeup.notify_all()
+        if self._background:
+            self._ensure_thread()
+        return request
+
+    def generate(self, prompts, config: SamplingConfig):
+        """Blocking: every prompt (a list of id lists or 1-D tensors) under ``config``; one ``GenerationResult``
+        of B prompts (each prompt's seed: ``config.seed`` + its index when set)."""
+        requests = [self.submit(prompt, config if config.seed is None else config.replace(seed=config.seed + index))
+                    for index, prompt in enumerate(prompts)]
+        results = [request.result() for request in requests]
+        _, pad = special_ids(self.model, None)
+        return concatenate(results, pad)
+
+    @property
+    def stats(self) -> dict:
+        """Counters a server exports: tokens prefilled and taken from the prefix cache, decode steps, tokens
+        generated, rows decoding, requests waiting (for a row or their prefill) and running, KV bytes held,
+        preemptions, requests finished / cancelled / failed."""
+        with self._lock:
+            stats = dict(self.counters)
+            stats.update(rows_active=len(self.rows), requests_waiting=len(self.waiting) + len(self.prefilling),
+                         requests_running=len(self.decoding), kv_bytes=self.pool.nbytes() if self.pool else 0,
+                         prefix_cache_blocks=len(self.prefix_cache) if self.prefix_cache else 0,
+                         max_rows=self.max_rows)
+            return stats
+
+    def invalidate_prefix_cache(self) -> None:
+        """Forget every cached prompt block (the weights' versions already key them; this is for weights
+        replaced by other means)."""
+        with self._lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
+
+    def close(self) -> None:
+        """Cancel what is left and stop the loop thread."""
+        with self._lock:
+            self._closed = True
+            for request in [*self.waiting, *self.prefilling, *self.decoding]:
+                request.cancel_requested = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            with self._lock:
+                self._cancel_requested()
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify_all()
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fastbon-engine", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._has_work():
+                    self._wakeup.wait()
+                if self._closed:
+                    self._cancel_requested()
+                    return
+                self.step()
+
+    def _has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.decoding)
+
+    def run_until(self, done) -> None:
+        """Drive the loop from the caller's thread until ``done()`` (an engine without a loop thread)."""
+        while not done():
+            with self._lock:
+                if not self._has_work():
+                    raise RuntimeError("the engine has nothing left to run")
+                self.step()
+
+    def step(self) -> bool:
+        """One engine step: cancellations, admission, one prefill chunk, new rows' first tokens, one decode forward
+        over every live row, then the policies. Returns whether there was anything to do."""
+        with self._lock:
+            self._cancel_requested()
+            if not self._has_work():
+                return False
+            self._admit_prefills()
+            self._prefill_one_chunk()
+            self._admit_rows()
+            if self.rows:
+                self._decode()
+            return True
+
+    # --- requests in ------------------------------------------------------------------------------------------
+    def _check_prompt(self, prompt_ids, config) -> torch.Tensor:
+        prompt = torch.as_tensor(prompt_ids)
+        if prompt.dim() != 1 or prompt.dtype.is_floating_point or prompt.dtype == torch.bool or prompt.numel() == 0:
+            raise ValueError(f"prompt_ids must be a non-empty 1-D list or tensor of token ids, got {prompt.dtype} "
+                             f"{tuple(prompt.shape)}")
+        prompt = prompt.cpu().to(torch.int64)
+        low, high = int(prompt.min()), int(prompt.max())
+        if low < 0 or high >= self.vocab:
+            raise ValueError(f"prompt_ids holds token id {low if low < 0 else high}, outside the model's vocabulary "
+                             f"[0, {self.vocab})")
+        hf.check_model(self.model, prompt.numel() + config.max_new_tokens)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and prompt.numel() + config.max_new_tokens > limit:
+            raise ValueError(f"prompt ({prompt.numel()} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds "
+                             f"the model's max_position_embeddings={limit}")
+        return prompt
+
+    def _rows_promised(self) -> int:
+        """Rows decoding plus the samples of the requests already prefilling."""
+        return len(self.rows) + sum(len(request.pending) for request in self.prefilling)
+
+    def _admit_prefills(self) -> None:
+        """Start prefilling waiting requests while their samples would find rows soon."""
+        while self.waiting and (not self.prefilling or self._rows_promised() < self.max_rows):
+            request = self.waiting.popleft()
+            if self.pool is not None:
+                self._take_cached_prefix(request)
+            self.prefilling.append(request)
+
+    def _take_cached_prefix(self, request: Request) -> None:
+        if not self.use_prefix_cache:
+            return
+        request.cache_keys = prefix_keys(request.prompt, weights_version(self.model))
+        blocks = self.prefix_cache.lookup(request.cache_keys)
+        # Only up to a chunk boundary the prompt's own prefill would have reached, and never its last token (its
+        # logits draw the first samples): the chunks forwarded are then the same ones, with the same bits.
+        usable = min(len(blocks) * BLOCK, request.prompt.numel() - 1) // self.prefill_chunk * self.prefill_chunk
+        for block in blocks[:usable // BLOCK]:
+            self.pool.ref(block)
+            request.prompt_blocks.append(block)
+        request.prefilled = usable
+        request.stats["prefix_cache_hit_tokens"] = usable
+        self.counters["prefix_cache_hit_tokens"] += usable
+
+    def _prefill_one_chunk(self) -> None:
+        request = next((r for r in self.prefilling if r.first_logits is None), None)
+        if request is None:
+            return
+        try:
+            out, cache = forward_chunk(self, request)
+        except PoolFull:
+            if not self.rows:
+                self._fail(request, MemoryError(f"the prompt of request {request.id} ({request.prompt.numel()} "
+                                                f"tokens) does not fit in the KV pool ({self.pool.max_blocks} "
+                                                f"blocks of {BLOCK} positions)"))
+            return
+        except Exception as error:  # a failing request never fails another
+            self._fail(request, error)
+            return
+        if request.prefilled == request.prompt.numel():
+            request.first_logits = out.logits[0, -1]
+            request.prefill_cache = None
+            if request.config.repetition_penalty != 1.0:
+                request.prompt_seen = torch.zeros(request.first_logits.shape[-1], dtype=torch.bool,
+                                                  device=self.device)
+                request.prompt_seen[request.prompt.to(self.device)] = True
+        del cache
+
+    def make_pool(self, layer_shapes: list, dtype) -> None:
+        """The pool, sized by the budget, on the first prefill (when the model's KV shapes are known)."""
+        blocks, self.row_blocks = pool_blocks(self, layer_shapes, dtype)
+        self.pool = BlockPool(layer_shapes, dtype, self.device, blocks)
+        self.prefix_cache = PrefixCache(self.pool)
+        self.cache = PagedCache(self.pool, getattr(self.model.config, "max_position_embeddings", None) or 2**31,
+                                self.backend)
+
+    def allocate_block(self) -> int:
+        """A free block: from the pool, else by evicting cached prompt blocks (least recently used first)."""
+        if not self.pool.can_allocate(1):
+            self.prefix_cache.evict(1)
+        return self.pool.allocate()
+
+    # --- rows in ------------------------------------------------------------------------------------------------
+    def _admit_rows(self) -> None:
+        """Prefilled requests' pending samples become rows, oldest request first, while rows and blocks allow;
+        each row's first token is drawn from its prompt's logits."""
+        for request in list(self.prefilling):
+            if request.first_logits is None:
+                break
+            whole = request.config.prune is not None or request.search is not None
+            room = self.max_rows - len(self.rows)
+            count = len(request.pending) if whole else min(room, len(request.pending))
+            if count == 0 or count > room:
+                break
+            admitted = []
+            for sample in request.pending[:count]:
+                if not self.pool.can_allocate(1 + self.row_blocks):
+                    self.prefix_cache.evict(1 + self.row_blocks)
+                if not self.pool.can_allocate(1 + self.row_blocks):
+                    break
+                self.pool.reserved += self.row_blocks
+                admitted.append(Row(request, sample, [self.allocate_block()]))
+            if not admitted or (whole and len(admitted) < count):
+                for row in admitted:
+                    self._release_row(row)
+                if not self.rows:  # nothing will free memory: the request can never run
+                    self._fail(request, MemoryError(
+                        f"request {request.id}: {'all ' if whole else ''}{count if whole else 1} sample row(s) do "
+                        f"not fit in max_memory beside its prompt's KV (a row holds {self.row_blocks + 1} blocks of "
+                        f"{self.pool.block_bytes / 2**20:.2f} MiB at least, the pool {self.pool.max_blocks}); raise "
+                        "max_memory or lower n, max_rows or the prompt's length"))
+                break
+            del request.pending[:len(admitted)]
+            if request not in self.decoding:
+                self.decoding.append(request)
+            if not request.pending:
+                self.prefilling.remove(request)
+            self._first_tokens(request, admitted)
+            if request.pending:
+                break
+
+    def _first_tokens(self, request: Request, rows: list) -> None:
+        inputs = step_inputs(rows, self.device, first=True)
+        tokens, logprobs, top = self.decoder.sample_rows(request.first_logits[None], inputs,
+                                                         torch.zeros(len(rows), dtype=torch.int64,
+                                                                     device=self.device))
+        self.rows.extend(rows)
+        self._record(rows, tokens, logprobs, top)
+
+    # --- the decode step ----------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        from .engine_policies import make_room
+
+        if not make_room(self):
+            return
+        rows = self.rows
+        padded = -(-len(rows) // self.row_multiple) * self.row_multiple
+        write_blocks, write_offsets = [row.blocks[-1] for row in rows], [row.write_offset() for row in rows]
+        # Each row's block holds this step's key when attention runs: its length counts it.
+        self.pool.lens[torch.tensor(write_blocks)] = torch.tensor(write_offsets, dtype=torch.int32).to(
+            self.device) + 1
+        self.cache.set_rows([row.path() for row in rows], write_blocks, write_offsets, padded)
+        inputs = step_inputs(rows, self.device)
+        try:
+            logits = self.decoder.forward(self.cache, inputs, padded)
+            tokens, logprobs, top = self.decoder.sample_rows(logits, inputs)
+        except Exception as error:  # the step's requests share the forward: each gets the error
+            for request in {row.request for row in rows}:
+                self._fail(request, error)
+            return
+        self.counters["decode_steps"] += 1
+        self.counters["peak_kv_bytes"] = max(self.counters["peak_kv_bytes"], self.pool.nbytes())
+        self._record(list(rows), tokens, logprobs, top)
+
+    def _record(self, rows: list, tokens, logprobs, top) -> None:
+        """Store each row's new token; then the policies: NaN, EOS, length, stop strings, pruning, forks."""
+        from .engine_policies import after_step
+
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        top_ids = top.indices.tolist() if top is not None else None
+        top_values = top.values.tolist() if top is not None else None
+        top_row = 0
+        for index, row in enumerate(rows):
+            sample = row.sample_state()
+            sample.tokens.append(tokens[index])
+            sample.logprobs.append(logprobs[index])
+            if row.request.config.top_logprobs:
+                count = row.request.config.top_logprobs
+                sample.top_ids.append(top_ids[top_row][:count])
+                sample.top_logprobs.append(top_values[top_row][:count])
+                top_row += 1
+            if row.seen is not None:
+                row.seen[tokens[index]] = True
+            row.request.stats["tokens_generated"] += 1
+        self.counters["tokens_generated"] += len(rows)
+        after_step(self, rows)
+
+    # --- requests out -------------------------------------------------------------------------------------------
+    def retire(self, row: Row, reason: int | None) -> None:
+        """The row leaves the batch and frees its blocks (its sample ended with ``reason``, or was preempted or
+        replaced by a fork when None)."""
+        self.rows.remove(row)
+        self._release_row(row)
+        if reason is not None:
+            sample = row.sample_state()
+            sample.finish = reason
+            sample.pruned = sample.pruned or reason == PRUNED
+
+    def _release_row(self, row: Row) -> None:
+        row.release(self.pool)
+        self.pool.reserved -= self.row_blocks
+
+    def complete(self, request: Request) -> None:
+        """All samples ended: score, select the best k, hand the result over."""
+        config = request.config
+        request.stats.update(prefix_kv_bytes=len(request.prompt_blocks) * self.pool.block_bytes)
+        self._drop(request)
+        try:
+            output = samples_tensors(request.samples, self.pad_token_id, self.device, config.top_logprobs)
+            result = select_best(request.prompt, output, config.score, config.k, config.return_all, self.backend,
+                                 self.pad_token_id, dict(request.stats))
+        except Exception as error:
+            request.finish(error=error)
+            self.counters["requests_failed"] += 1
+            return
+        if request.search is not None:
+            for index in range(config.n):
+                request.emit(index)
+        request.finish(result)
+        self.counters["requests_finished"] += 1
+
+    def _drop(self, request: Request) -> None:
+        """The request leaves every queue; its rows and its prompt blocks are freed (the prefix cache keeps its own
+        references to the prompt's full blocks)."""
+        for row in [row for row in self.rows if row.request is request]:
+            self.retire(row, None)
+        for queue in (self.waiting, self.prefilling):
+            if request in queue:
+                queue.remove(request)
+        if request in self.decoding:
+            self.decoding.remove(request)
+        for block in request.prompt_blocks:
+            self.pool.release(block)
+        request.prompt_blocks, request.prefill_cache, request.first_logits = [], None, None
+
+    def _fail(self, request: Request, error: BaseException) -> None:
+        self._drop(request)
+        request.finish(error=error)
+        self.counters["requests_failed"] += 1
+
+    def _cancel_requested(self) -> None:
+        for request in [r for r in (*self.waiting, *self.prefilling, *self.decoding) if r.cancel_requested]:
+            self._drop(request)
+            request.finish(error=Cancelled(f"request {request.id} was cancelled"))
+            self.counters["requests_cancelled"] += 1
+
+    def samples_so_far(self, request: Request, members: list) -> Samples:
+        """The partial samples ``members`` (indices into the request's n) as score callables receive them."""
+        output = samples_tensors([request.samples[index] for index in members], self.pad_token_id, self.device)
+        return Samples(prompts=[request.prompt.to(self.device)], sequences=output["tokens"][None],
+                       lengths=output["lengths"][None], token_logprobs=output["logprobs"][None],
+                       pad_token_id=self.pad_token_id,
+                       sample_ids=torch.tensor([members], dtype=torch.int64, device=self.device))
+
+    def partial_scores(self, score, request: Request, members: list) -> torch.Tensor:
+        return compute_scores(score, self.samples_so_far(request, members))
+
+
+__all__ = ["DEFAULT_MAX_ROWS", "EOS", "LENGTH", "STOP", "Cancelled", "Engine", "Request"]
