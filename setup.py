@@ -86,7 +86,8 @@ def _extension_build():
 ext_modules, cmdclass = _extension_build()
 
 setup(
-    packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations"],
+    packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations", "fastbon.jobs",
+              "fastbon.demos"],
     package_dir={"fastbon": "python/fastbon", "fastbon.kernels": "kernels"},
     package_data={"fastbon.models": ["*/*.json", "*/*.safetensors", "*/*.txt"]},
     ext_modules=ext_modules,

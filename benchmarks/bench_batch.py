@@ -5,7 +5,7 @@ path's overhead over the ``fastbon.generate`` calls it makes (the same groups, s
                                      [--repeats 3] [--skip-ray]
     pytest benchmarks/bench_batch.py          # a seconds-long smoke run of the overhead comparison (CI)
 
-Prompts/s counts the whole ``fastbon.batch.run`` call (reading, planning, actor start-up with its model load,
+Prompts/s counts the whole ``fastbon.jobs.run`` call (reading, planning, actor start-up with its model load,
 writing parts); "steady" counts the second half of the parts, by their write times, which leaves the fixed start-up
 out; prompts per worker CPU-second divides by the CPU time the
 workers spent on their groups, which a shared machine's other load disturbs least. Writes benchmarks/out/batch.csv.
@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 
 import fastbon
-from fastbon import batch, batch_io
+from fastbon import jobs
+from fastbon.jobs import parquet
+from fastbon.jobs.groups import plan_groups
 from fastbon.models import load_default_model
 from fastbon.models.arithmetic import make_problems
+from fastbon.prompts import prompt_seed
 
 OUT = Path(__file__).parent / "out"
 
@@ -41,26 +44,26 @@ def write_job(folder: Path, prompts: int) -> Path:
 
 def direct_calls(model, tokenizer, path, job) -> tuple:
     """(wall, CPU) seconds for the ``fastbon.generate`` calls alone, over the groups the batch job makes."""
-    table = batch_io.read_input(path)
+    table = parquet.read_input(path)
     ids, texts = table["id"].to_pylist(), table["prompt"].to_pylist()
     encoded = [tokenizer(text).input_ids for text in texts]
-    groups = batch.plan_groups(ids, texts, [len(e) for e in encoded], job["batch_prompts"], {})
+    groups = plan_groups(ids, texts, [len(e) for e in encoded], job["batch_prompts"], {})
     start, cpu_start = time.perf_counter(), time.process_time()
     for group in groups:
         fastbon.generate(model, [torch.tensor(encoded[p]) for p in group], n=job["n"], k=1,
-                         max_new_tokens=job["max_new_tokens"], seed=[batch.prompt_seed(0, ids[p]) for p in group])
+                         max_new_tokens=job["max_new_tokens"], seed=[prompt_seed(0, ids[p]) for p in group])
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def local_overhead(path, job, repeats: int, folder: Path) -> dict:
-    """Direct calls and whole ``batch.run`` calls (model load included), alternated: the medians of wall and of
+    """Direct calls and whole ``jobs.run`` calls (model load included), alternated: the medians of wall and of
     CPU time (the process's own, which other load on a shared machine disturbs less) and the overheads."""
     model, tokenizer = load_default_model()
     direct, local = [], []
     for repeat in range(repeats):
         direct.append(direct_calls(model, tokenizer, path, job))
         start, cpu_start = time.perf_counter(), time.process_time()
-        batch.run(path, folder / f"local{repeat}", progress=False, seed=0, **job)
+        jobs.run(path, folder / f"local{repeat}", progress=False, seed=0, **job)
         local.append((time.perf_counter() - start, time.process_time() - cpu_start))
     result = {}
     for index, clock in enumerate(("wall", "cpu")):
@@ -73,9 +76,9 @@ def local_overhead(path, job, repeats: int, folder: Path) -> dict:
 def steady_prompts_per_s(folder: Path) -> float:
     """Prompts per second over the second half of the parts, by their write times: every actor is up by then
     (a slow machine can take tens of seconds to start one), so the fixed start-up is left out."""
-    parts = sorted(batch_io.part_paths(folder), key=lambda part: part.stat().st_mtime)
+    parts = sorted(parquet.part_paths(folder), key=lambda part: part.stat().st_mtime)
     half = len(parts) // 2
-    rows = sum(batch_io.pyarrow_modules()[3].read_metadata(part).num_rows for part in parts[half + 1:])
+    rows = sum(parquet.pyarrow_modules()[3].read_metadata(part).num_rows for part in parts[half + 1:])
     return rows / max(parts[-1].stat().st_mtime - parts[half].stat().st_mtime, 1e-9)
 
 
@@ -88,7 +91,7 @@ def ray_scaling(path, job, folder: Path, prompts: int) -> list:
         for workers in (1, 2):
             out = folder / f"ray{workers}"
             start = time.perf_counter()
-            summary = batch.run(path, out, ray=True, workers=workers, threads_per_worker=1, progress=False, seed=0,
+            summary = jobs.run(path, out, ray=True, workers=workers, threads_per_worker=1, progress=False, seed=0,
                                 **job)
             wall = time.perf_counter() - start
             steady = steady_prompts_per_s(out) / job["k"]
@@ -150,7 +153,7 @@ def test_batch_overhead_smoke(tmp_path):
     job = dict(n=2, k=1, max_new_tokens=3, batch_prompts=4)
     result = local_overhead(write_job(tmp_path, 8), job, 1, tmp_path)
     assert result["direct_wall_s"] > 0 and result["local_cpu_s"] > 0
-    assert batch_io.read_output(tmp_path / "local0").num_rows == 8
+    assert parquet.read_output(tmp_path / "local0").num_rows == 8
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ GPU: bf16 Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads, 8 KV heads, voca
 
 import sys
 
-from fastbon.bench import main
+from fastbon.demos.bench import main
 
 
 def test_e2e_smoke(tmp_path):

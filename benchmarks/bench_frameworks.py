@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from fastbon.bench import llama_model
+from fastbon.demos.bench import llama_model
 
 CSV_FIELDS = ["case", "prompt_tokens", "samples_per_prompt", "new_tokens", "prompts", "hf_s", "fastbon_s", "speedup",
               "hf_generated_tokens", "fastbon_generated_tokens"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import fastbon
-from fastbon.bench import PeakMemory, llama_model
+from fastbon.demos.bench import PeakMemory, llama_model
 
 FOLLOW_SHAPE = dict(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000, intermediate=1376)
 TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=500, intermediate=128)

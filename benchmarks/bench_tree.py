@@ -4,7 +4,7 @@ today's two-level cache (each prompt's whole KV stored per prompt), in one run.
     python benchmarks/bench_tree.py                 # 8 prompts = a 2,048-token prefix + 64 own tokens, n=16, 64 new
     pytest benchmarks/bench_tree.py                 # a seconds-long smoke run (CI)
 
-The model is the 56M benchmark Llama in fp32 (``fastbon.bench.llama_model``). The two-level side is the same code
+The model is the 56M benchmark Llama in fp32 (``fastbon.demos.bench.llama_model``). The two-level side is the same code
 with the common-prefix detection off (``fastbon.prefill.COMMON_PREFIX_MIN`` past every prompt), so the samples are
 the same on both sides. Each side is warmed by one small untimed call; reported: prefix KV bytes, prefill seconds,
 end-to-end seconds, and whether the samples are equal.
@@ -18,7 +18,7 @@ import torch
 
 import fastbon
 from fastbon import prefill as prefill_module
-from fastbon.bench import llama_model
+from fastbon.demos.bench import llama_model
 
 FULL_SHAPE = dict(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000, intermediate=1376)
 TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=500, intermediate=128)

@@ -47,7 +47,7 @@ step "kernel timings (triton.testing.do_bench, median)"
 timeout 120 python3 benchmarks/gpu_kernels.py 2>&1 | tee "$out/gpu_kernels.txt" || status=1
 
 step "end to end: fastbon vs HF generate, Llama-3.2-1B shape, bf16, P=4096, n=64, 64 new tokens"
-timeout 200 python3 -m fastbon.bench --shape gpu --P 4096 --n 64 --new-tokens 64 --out "$out" 2>&1 \
+timeout 200 python3 -m fastbon.demos.bench --shape gpu --P 4096 --n 64 --new-tokens 64 --out "$out" 2>&1 \
   | grep -v "it/s\]" | tee "$out/gpu_e2e.txt" || status=1
 
 step "summary"

@@ -7,12 +7,14 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
-import ray
 
-from fastbon import batch, batch_io
+from fastbon import jobs
+from fastbon.jobs import parquet
 from fastbon.models.arithmetic import make_problems
+
+psutil = pytest.importorskip("psutil")
+ray = pytest.importorskip("ray", reason="the Ray runner needs the ray extra: pip install 'fastbon[ray]'")
 
 JOB = dict(n=3, k=2, max_new_tokens=5, seed=3, batch_prompts=4)
 PROMPTS, GROUPS = 24, 6  # one part per group
@@ -37,12 +39,12 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_rows(prompts_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
-    batch.run(prompts_file, out, progress=False, **JOB)
+    jobs.run(prompts_file, out, progress=False, **JOB)
     return rows_of(out)
 
 
 def rows_of(folder):
-    return sorted(batch_io.read_output(folder).to_pylist(), key=lambda row: (row["id"], row["rank"]))
+    return sorted(parquet.read_output(folder).to_pylist(), key=lambda row: (row["id"], row["rank"]))
 
 
 def map_workers():
@@ -66,26 +68,26 @@ def test_a_killed_worker_then_a_resume_on_one_worker_equal_the_local_path(cluste
 
     def kill_a_worker_after_the_first_part():
         deadline = time.monotonic() + 300
-        while not batch_io.part_paths(out) and time.monotonic() < deadline:
+        while not parquet.part_paths(out) and time.monotonic() < deadline:
             time.sleep(0.02)
         workers = map_workers()
         if workers:
-            killed.append((workers[0].pid, len(batch_io.part_paths(out))))
+            killed.append((workers[0].pid, len(parquet.part_paths(out))))
             os.kill(workers[0].pid, signal.SIGKILL)
 
     killer = threading.Thread(target=kill_a_worker_after_the_first_part)
     killer.start()
-    summary = batch.run(prompts_file, out, ray=True, workers=2, progress=False, **JOB)
+    summary = jobs.run(prompts_file, out, ray=True, workers=2, progress=False, **JOB)
     killer.join()
     assert killed and killed[0][1] < GROUPS, "a worker died while parts were missing"
     assert not psutil.pid_exists(killed[0][0]) or psutil.Process(killed[0][0]).status() == psutil.STATUS_ZOMBIE
     assert summary["prompts"] == PROMPTS and summary["parts"] == GROUPS
     assert rows_of(out) == local_rows, "every prompt exactly once, bit-identical to the local path"
 
-    for part in batch_io.part_paths(out)[:3]:
+    for part in parquet.part_paths(out)[:3]:
         part.unlink()
-    kept = {part.name: part.stat().st_mtime_ns for part in batch_io.part_paths(out)}
-    summary = batch.run(prompts_file, out, ray=True, workers=1, progress=False, **JOB)
+    kept = {part.name: part.stat().st_mtime_ns for part in parquet.part_paths(out)}
+    summary = jobs.run(prompts_file, out, ray=True, workers=1, progress=False, **JOB)
     assert summary["prompts"] == 3 * JOB["batch_prompts"] and summary["skipped"] == PROMPTS - 3 * JOB["batch_prompts"]
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept, "finished parts were not rewritten"
     assert rows_of(out) == local_rows
@@ -97,5 +99,5 @@ def test_bad_input_read_by_ray_is_refused_before_any_work(cluster, tmp_path):
     for name, message in (("missing.jsonl", "cannot read .*FileNotFoundError"), ("garbage.jsonl", "cannot read"),
                           ("duplicates.jsonl", r"duplicate ids \[4\]")):
         with pytest.raises(ValueError, match=message):
-            batch.run(tmp_path / name, tmp_path / "out", ray=True, progress=False, **JOB)
+            jobs.run(tmp_path / name, tmp_path / "out", ray=True, progress=False, **JOB)
     assert not (tmp_path / "out").exists()

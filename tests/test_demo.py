@@ -7,7 +7,8 @@ import io
 import pytest
 
 from fastbon import cli
-from fastbon.demo import QUICK_NS, RULES
+from fastbon.demos.demo import RULES
+from fastbon.demos.options import QUICK_NS, SEARCH_QUICK_NS, SEARCH_QUICK_PROBLEMS
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def quick_search_demo(tmp_path_factory):
 
 
 def test_quick_search_demo_writes_a_row_per_method_and_budget(quick_search_demo):
-    from fastbon.demo_search import METHOD_LABELS, QUICK_NS, QUICK_PROBLEMS, search
+    from fastbon.demos.demo_search import METHOD_LABELS
 
     out, exit_code, printed = quick_search_demo
     assert exit_code == 0
@@ -66,12 +67,12 @@ def test_quick_search_demo_writes_a_row_per_method_and_budget(quick_search_demo)
     assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "search.csv") as handle:
         rows = list(csv.DictReader(handle))
-    methods = [m for m in METHOD_LABELS if search is not None or not m.startswith(("particle", "beam"))]
-    assert sorted((row["method"], int(row["n"])) for row in rows) == sorted((m, n) for m in methods for n in QUICK_NS)
+    assert sorted((row["method"], int(row["n"])) for row in rows) == sorted(
+        (method, n) for method in METHOD_LABELS for n in SEARCH_QUICK_NS)
     for row in rows:
         assert 0.0 <= float(row["accuracy"]) <= 1.0, row
-        assert int(row["problems"]) == QUICK_PROBLEMS and float(row["seconds"]) > 0, row
+        assert int(row["problems"]) == SEARCH_QUICK_PROBLEMS and float(row["seconds"]) > 0, row
         assert int(row["generated_tokens"]) >= int(row["problems"]), "every pick generates at least one token"
     best_of_n = [row for row in rows if row["method"].startswith("best_of_n/")]
     # one generate call per n, re-ranked four ways: the rows share its tokens and its time
-    assert len({(row["n"], row["generated_tokens"], row["seconds"]) for row in best_of_n}) == len(QUICK_NS)
+    assert len({(row["n"], row["generated_tokens"], row["seconds"]) for row in best_of_n}) == len(SEARCH_QUICK_NS)

@@ -1,10 +1,14 @@
-"""``fastbon run | batch | demo | bench``: best-of-n from the command line."""
+"""``fastbon run | batch | demo | bench``: best-of-n from the command line.
+
+Nothing here imports torch or transformers before a command runs, so ``fastbon --help`` answers at once
+(tests/test_imports.py times it).
+"""
 
 import argparse
 import sys
 import time
 
-import torch
+DEVICE_HELP = "default: cuda when available, else cpu"
 
 
 def _sampling_arguments(parser):
@@ -16,7 +20,7 @@ def _sampling_arguments(parser):
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
 def _load(model_dir, device):
@@ -25,7 +29,8 @@ def _load(model_dir, device):
         from .models import load_default_model
 
         model, tokenizer = load_default_model(device=device)
-        return model, tokenizer, "the embedded default model (fastbon.models, trained by fastbon.models.train_default)"
+        return model, tokenizer, "the embedded default model (fastbon.models, trained by fastbon.demos.train_default)"
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -34,8 +39,10 @@ def _load(model_dir, device):
 
 
 def run(args) -> int:
-    from .generate import generate
+    from . import generate
+    from .demos.common import default_device
 
+    args.device = args.device or default_device()
     model, tokenizer, description = _load(args.model, args.device)
     prompt = args.prompt if args.prompt is not None else "123+456="
     input_ids = tokenizer(prompt, return_tensors="pt").input_ids.to(args.device)
@@ -79,7 +86,7 @@ def _batch_arguments(parser):
 
 
 def batch(args) -> int:
-    from .batch import run as run_batch
+    from .jobs import run as run_batch
 
     summary = run_batch(args.input, args.output, model=args.model, n=args.n, k=args.k, return_all=args.return_all,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -94,6 +101,32 @@ def batch(args) -> int:
     return 0
 
 
+def _demo_or_bench(command: str, argv: list) -> int:
+    """Options first (``--help`` and errors answer before torch loads), then the module that runs them."""
+    from .demos import options
+
+    if command == "bench":
+        bench_args = options.parse_bench(argv)
+        from .demos.bench import run as run_bench
+
+        return run_bench(bench_args)
+    if "--search" in argv:
+        search_args = options.parse_search([arg for arg in argv if arg != "--search"])
+        from .demos.demo_search import run as run_search_demo
+
+        return run_search_demo(search_args)
+    demo_args = options.parse_demo(argv)
+    from .demos.demo import run as run_demo
+
+    return run_demo(demo_args)
+
+
+def serve(args) -> int:
+    from .serve import main as serve_main
+
+    return serve_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastbon", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,18 +139,17 @@ def main(argv=None) -> int:
     batch_parser = commands.add_parser("batch", help="best-of-n over a file of prompts into Parquet, resumable")
     _batch_arguments(batch_parser)
     batch_parser.set_defaults(handler=batch)
+    from .serve import add_arguments as serve_arguments  # argparse only: no torch, no FastAPI
+
+    serve_parser = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (needs fastbon[serve])")
+    serve_arguments(serve_parser)
+    serve_parser.set_defaults(handler=serve)
     # bench and demo parse their own options (fastbon bench --help, fastbon demo --help).
     commands.add_parser("bench", add_help=False, help="best-of-n vs HF generate over a grid, CSV + plot")
     commands.add_parser("demo", add_help=False, help="accuracy vs n on the embedded model, table + plot")
     args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
-        from .bench import main as bench_main
-
-        return bench_main(rest)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
+    if args.command in ("bench", "demo"):
+        return _demo_or_bench(args.command, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.handler(args)

@@ -1,4 +1,8 @@
-"""Prompts in: the checks every prompt batch passes before any work, and the one left-padding routine."""
+"""Prompts in: the checks every prompt batch passes before any work, the one left-padding routine, and the sampling
+seed of a prompt keyed by itself (data-set jobs and the lm-eval adapter)."""
+
+import hashlib
+import json
 
 import torch
 
@@ -94,3 +98,12 @@ def special_ids(model, eos_token_id) -> tuple[list, int]:
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
     return eos_ids, int(pad_token_id)
+
+
+def prompt_seed(seed: int, key) -> int:
+    """The sampling seed of one prompt: a stable 63-bit hash of a run's ``seed`` and the prompt's own ``key`` (a
+    data-set row's id, an lm-eval request), the same in every process (Python's ``hash`` is salted per process). What
+    makes a prompt's samples the same whatever batch, worker or resume it runs in. ``key``: an int, a string, or a
+    NumPy/Arrow scalar of either."""
+    key = json.dumps([seed, key.item() if hasattr(key, "item") else key]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)

@@ -18,7 +18,6 @@ document's samples then depend only on it, the context and the kwargs — never 
 ``fastbon_backend``, ``fastbon_compile`` (the decode step under torch.compile, ``fastbon.generate(compile=True)``).
 """
 
-import hashlib
 import json
 
 import torch
@@ -27,17 +26,12 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
 from ..generate import generate as fastbon_generate
+from ..prompts import prompt_seed
 from .transformers import generation_settings, merged_generation_config
 
 
 def _key(context: str, gen_kwargs: dict) -> str:
     return json.dumps([context, gen_kwargs], sort_keys=True, default=repr)
-
-
-def _document_seed(seed: int, key: str) -> int:
-    """A 63-bit seed from the run's seed and the request: the same document draws the same samples in any batch."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 @register_model("fastbon")
@@ -100,7 +94,7 @@ class FastbonLM(HFLM):
             for start in range(0, len(keys), per_call):
                 chunk = keys[start:start + per_call]
                 texts = self._generate_group([groups[key][0] for key in chunk], gen_kwargs, count, eos,
-                                             [_document_seed(seed, key) for key in chunk])
+                                             [prompt_seed(seed, key) for key in chunk])
                 for key, document_texts in zip(chunk, texts, strict=True):
                     context, _, positions = groups[key]
                     for position, text in zip(positions, document_texts, strict=True):

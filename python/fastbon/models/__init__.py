@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-# The default model: a tiny Llama trained by fastbon.models.train_default to add numbers (task and exact
+# The default model: a tiny Llama trained by fastbon.demos.train_default to add numbers (task and exact
 # verifier in fastbon.models.arithmetic). Small enough to ship in the wheel, so demos and tests run offline.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "addition_model"
-# The search-task model: a tiny Llama trained by fastbon.models.train_chain to add chains of numbers one step
+# The search-task model: a tiny Llama trained by fastbon.demos.train_chain to add chains of numbers one step
 # per line (task, step checker and answer key in fastbon.models.chain); what `fastbon demo --search` runs.
 CHAIN_MODEL_DIR = Path(__file__).resolve().parent / "chain_model"
 
@@ -28,7 +28,7 @@ def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype = 
         inputs = tokenizer(["347+58="], return_tensors="pt")
         output = model.generate(**inputs, do_sample=False)
     """
-    return _load_shipped(DEFAULT_MODEL_DIR, "fastbon.models.train_default", device, dtype)
+    return _load_shipped(DEFAULT_MODEL_DIR, "fastbon.demos.train_default", device, dtype)
 
 
 def load_chain_model(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -40,7 +40,7 @@ def load_chain_model(device: str | torch.device = "cpu", dtype: torch.dtype = to
         inputs = tokenizer(["37+48+91="], return_tensors="pt")
         output = model.generate(**inputs, do_sample=False, max_new_tokens=40)  # "37+48=85\n85+91=176\n<eos>"
     """
-    return _load_shipped(CHAIN_MODEL_DIR, "fastbon.models.train_chain", device, dtype)
+    return _load_shipped(CHAIN_MODEL_DIR, "fastbon.demos.train_chain", device, dtype)
 
 
 def _load_shipped(model_dir: Path, trainer: str, device, dtype):

@@ -1,7 +1,7 @@
 """``fastbon demo``: spending more samples at run time makes the embedded model better.
 
 On the default model that ships inside fastbon (a tiny Llama trained from scratch by
-``fastbon.models.train_default`` to add numbers), for each n, one ``fastbon.generate`` call draws n samples per
+``fastbon.demos.train_default`` to add numbers), for each n, one ``fastbon.generate`` call draws n samples per
 problem; the SAME samples are then ranked by four rules, and each rule's pick is checked exactly:
 
 - first sample: sample 0, what n = 1 would give (the control: it must not improve with n);
@@ -13,17 +13,15 @@ The same prompts at the same n also go through Hugging Face ``generate(num_retur
 can show fastbon's speedup measured in the same run. Writes demo.csv and demo.png to ``--out``.
 """
 
-import argparse
 import os
 import sys
 import time
 
 import torch
 
-from .bench import write_csv
-from .generate import generate
-from .models import load_default_model
-from .models.arithmetic import (
+from .. import generate
+from ..models import load_default_model
+from ..models.arithmetic import (
     ANSWER_TOKENS,
     DEFAULT_MAX_DIGITS,
     DEFAULT_MIN_DIGITS,
@@ -31,14 +29,10 @@ from .models.arithmetic import (
     extract_answer,
     make_problems,
 )
-from .ops.topk import select_topk
-from .scoring import Samples, compute_scores, majority, verifier
+from ..ops.topk import select_topk
+from ..scoring import Samples, compute_scores, majority, verifier
+from .common import default_device, synchronize, write_csv
 
-FULL_NS = (1, 2, 4, 8, 16, 32, 64)
-QUICK_NS = (1, 4, 16)
-FULL_PROBLEMS, QUICK_PROBLEMS = 200, 24
-# Problems come from their own seed, away from the training stream (seed 0) and its held-out set (12345).
-DEFAULT_SEED = 2024
 RULES = ("first_sample", "mean_logprob", "majority", "verifier")
 RULE_LABELS = {"first_sample": "first sample", "mean_logprob": "mean log-prob", "majority": "majority vote",
                "verifier": "verifier (pass@n)"}
@@ -60,32 +54,27 @@ def rule_scores(tokenizer) -> dict:
             "majority": majority(extract_answer, tokenizer), "verifier": verifier(check_all, tokenizer)}
 
 
-def _synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_fastbon(model, prompt_ids, n, seed):
     """(GenerationResult with all n samples, seconds)."""
     device = model.get_output_embeddings().weight.device
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     result = generate(model, prompt_ids, n=n, k=1, max_new_tokens=ANSWER_TOKENS, temperature=1.0, top_k=0,
                       return_all=True, seed=seed)
-    _synchronize(device)
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
 def run_hf(model, batch, n, seed, pad_token_id) -> float:
     """Seconds HF generate takes for the same prompts, n and token limit (top_k=0: HF would default to 50)."""
     torch.manual_seed(seed)
-    _synchronize(batch["input_ids"].device)
+    synchronize(batch["input_ids"].device)
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
                        temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n, max_new_tokens=ANSWER_TOKENS,
                        pad_token_id=pad_token_id)
-    _synchronize(batch["input_ids"].device)
+    synchronize(batch["input_ids"].device)
     return time.perf_counter() - start
 
 
@@ -168,35 +157,13 @@ def plot(rows, path, title) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--search" in argv:
-        from .demo_search import main as search_main
-
-        return search_main([arg for arg in argv if arg != "--search"])
-    parser = argparse.ArgumentParser(prog="fastbon demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--search", action="store_true",
-                        help="instead: search vs best-of-n on the chain model (fastbon demo --search --help)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_PROBLEMS} problems, n in {QUICK_NS} (under a minute on a CPU; what CI runs)")
-    parser.add_argument("--problems", type=int, default=None,
-                        help=f"how many addition problems (default {FULL_PROBLEMS}, {QUICK_PROBLEMS} with --quick)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the problems and the sampling")
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face generate timing")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # One CPU thread by default: the model's matrices are too small to split, and on a shared machine a second
-    # OpenMP thread that gets descheduled stalls every op by a time slice (we saw 0.04 s runs take 0.3-3 s).
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides (default 1)")
-    parser.add_argument("--out", default="benchmarks/out", help="folder for demo.csv and demo.png")
-    args = parser.parse_args(argv)
-    count = args.problems if args.problems is not None else (QUICK_PROBLEMS if args.quick else FULL_PROBLEMS)
-    if count < 1:
-        parser.error(f"--problems must be >= 1, got {count}")
-    ns = QUICK_NS if args.quick else FULL_NS
+def run(args) -> int:
+    """``fastbon demo`` with the options ``options.parse_demo`` read."""
+    args.device = args.device or default_device()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _demo(args, count, ns)
+        return _demo(args, args.count, args.ns)
     finally:
         torch.set_num_threads(previous_threads)  # the caller (a test session, say) keeps its own setting
 
@@ -206,7 +173,7 @@ def _demo(args, count, ns) -> int:
     parameters = sum(parameter.numel() for parameter in model.parameters())
     problems = make_problems(count, args.seed, DEFAULT_MIN_DIGITS, DEFAULT_MAX_DIGITS)
     print(f"model: the embedded default model (fastbon.models.load_default_model): fastbon's own "
-          f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_default to add "
+          f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.demos.train_default to add "
           "numbers (no download)")
     print(f"task:  {count} addition problems, operands of {DEFAULT_MIN_DIGITS}-{DEFAULT_MAX_DIGITS} digits "
           f"(seed {args.seed}); "

@@ -1,7 +1,7 @@
 """Train the search-task model shipped in ``fastbon/models/chain_model/``: a tiny Llama that adds chains of numbers.
 
-Run ``python -m fastbon.models.train_chain [--out DIR] [--steps N] [--seed S]``. Same recipe as
-:mod:`fastbon.models.train_default` (character tokenizer, ``LlamaForCausalLM`` from scratch, loss on the
+Run ``python -m fastbon.demos.train_chain [--out DIR] [--steps N] [--seed S]``. Same recipe as
+:mod:`fastbon.demos.train_default` (character tokenizer, ``LlamaForCausalLM`` from scratch, loss on the
 completion only), on ``<bos>37+48+91=`` + ``37+48=85\\n85+91=176\\n<eos>`` (task in :mod:`fastbon.models.chain`).
 It measures, with plain Hugging Face ``generate`` on held-out problems, the per-step accuracy (a step right
 given the steps before it right: what checking and forking at each line exploits), end-to-end accuracy and
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from fastbon.demos.train_default import TASK_CHARACTERS, build_model, build_tokenizer, cpu_model_name, pass_at
 from fastbon.models import CHAIN_MODEL_DIR
 from fastbon.models.chain import (
     COMPLETION_TOKENS,
@@ -35,7 +36,6 @@ from fastbon.models.chain import (
     make_problems,
     steps_correct,
 )
-from fastbon.models.train_default import TASK_CHARACTERS, build_model, build_tokenizer, cpu_model_name, pass_at
 
 CHARACTERS = TASK_CHARACTERS + ["\n"]
 MAX_POSITIONS = 128
@@ -177,8 +177,8 @@ def write_training_notes(args, out_dir: Path, train_seconds: float, final_loss: 
     lines = [
         "fastbon chain model: tiny Llama for chained addition, one step per line (see fastbon/models/chain.py)",
         "",
-        f"command run:  python -m fastbon.models.train_chain {' '.join(sys.argv[1:])}",
-        f"same weights: python -m fastbon.models.train_chain --steps {args.steps} --seed {args.seed}"
+        f"command run:  python -m fastbon.demos.train_chain {' '.join(sys.argv[1:])}",
+        f"same weights: python -m fastbon.demos.train_chain --steps {args.steps} --seed {args.seed}"
         f" --batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} --threads {args.threads}",
         f"seed:         {args.seed}",
         f"training:     {args.steps} steps x {args.batch_size} problems, AdamW lr {args.lr} (warm-up {args.warmup}),"

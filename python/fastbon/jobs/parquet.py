@@ -1,4 +1,4 @@
-"""The files of a data-set job (``fastbon.batch``): the input table, the manifest, and the output parts.
+"""The files of a data-set job (``fastbon.jobs``): the input table, the manifest, and the output parts.
 
 An output folder holds ``_manifest.json`` (the job configuration that decides the samples) and ``part-<key>.parquet``
 files, one per group of prompts, each with every returned row of those prompts. A part is written to a hidden
@@ -35,7 +35,7 @@ def pyarrow_modules():
         import pyarrow.json
         import pyarrow.parquet
     except ImportError as error:
-        raise ImportError("fastbon.batch reads and writes Parquet with pyarrow: pip install 'fastbon[ray]'") from error
+        raise ImportError("fastbon.jobs reads and writes Parquet with pyarrow: pip install 'fastbon[ray]'") from error
     return pyarrow, pyarrow.compute, pyarrow.json, pyarrow.parquet
 
 

@@ -1,6 +1,6 @@
 """Train the default model shipped in ``fastbon/models/addition_model/``: a tiny Llama that adds numbers.
 
-Run ``python -m fastbon.models.train_default [--out DIR] [--steps N] [--seed S]``. It builds the character-level
+Run ``python -m fastbon.demos.train_default [--out DIR] [--steps N] [--seed S]``. It builds the character-level
 tokenizer, trains ``LlamaForCausalLM`` from scratch on ``<bos>a+b=c<eos>`` with the loss on the answer only,
 measures greedy / sampled accuracy and pass@n with plain Hugging Face ``generate`` on held-out problems, and
 writes config.json, generation_config.json, model.safetensors, the tokenizer files and TRAINING.txt to DIR.
@@ -247,8 +247,8 @@ def write_training_notes(
     lines = [
         "fastbon default model: tiny Llama for multi-digit addition (see fastbon/models/arithmetic.py)",
         "",
-        f"command run:  python -m fastbon.models.train_default {' '.join(sys.argv[1:])}",
-        f"same weights: python -m fastbon.models.train_default --steps {args.steps} --seed {args.seed}"
+        f"command run:  python -m fastbon.demos.train_default {' '.join(sys.argv[1:])}",
+        f"same weights: python -m fastbon.demos.train_default --steps {args.steps} --seed {args.seed}"
         f" --batch-size {args.batch_size} --lr {args.lr} --warmup {args.warmup} --threads {args.threads}",
         "              (the rate is constant after warm-up and evaluation never touches the training data stream,",
         "              so stopping early at step N gives the weights of an N-step run)",

@@ -7,8 +7,6 @@ holds, the bytes one decode step must read under the sharing model, and the rati
 Used by ``benchmarks/bench_e2e.py`` and ``fastbon bench``.
 """
 
-import argparse
-import csv
 import itertools
 import os
 import threading
@@ -16,7 +14,9 @@ import time
 
 import torch
 
-from .generate import generate
+from .. import generate
+from . import options
+from .common import default_device, synchronize, write_csv
 
 CSV_FIELDS = ["device", "P", "n", "new_tokens", "compiled", "cold_s", "compile_s",
               "fastbon_s", "hf_s", "speedup", "fastbon_tokens_per_s",
@@ -82,8 +82,7 @@ def _timed(function, device):
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         output = function()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = time.perf_counter() - start
     return output, seconds, memory.peak_bytes
 
@@ -162,24 +161,13 @@ def run_grid(model, prompt_lens, ns, new_tokens_list, *, top_p=0.95, run_hf=True
     return rows
 
 
-def write_csv(rows, path, fields=CSV_FIELDS) -> None:
-    """Rows (dicts) as CSV, floats to 4 significant digits."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: f"{value:.4g}" if isinstance(value, float) else value for key, value in row.items()})
+def plot(rows, path) -> None:
+    """Speedup over HF against prompt length, a line per n (per new-token count)."""
+    import matplotlib
 
+    matplotlib.use("Agg")  # files only: the benchmark also runs in CI and over ssh, without a display
+    import matplotlib.pyplot as plt
 
-def plot(rows, path) -> bool:
-    """Speedup over HF against prompt length, a line per n (per new-token count). False when matplotlib is absent."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
     for n, new_tokens in sorted({(row["n"], row["new_tokens"]) for row in rows if "speedup" in row}):
         points = sorted((row["P"], row["speedup"]) for row in rows if row["n"] == n and row["new_tokens"] == new_tokens
@@ -194,7 +182,6 @@ def plot(rows, path) -> bool:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-    return True
 
 
 def summary_table(rows) -> str:
@@ -212,34 +199,25 @@ GPU_SHAPE = dict(hidden=2048, layers=16, heads=32, kv_heads=8, vocab=128256, int
 TINY_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=500, intermediate=128)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastbon bench", description="best-of-n end to end: fastbon vs HF generate")
-    parser.add_argument("--P", type=int, nargs="+", default=[64, 512, 2048])
-    parser.add_argument("--n", type=int, nargs="+", default=[4, 16, 32, 64])
-    parser.add_argument("--new-tokens", type=int, nargs="+", default=[32, 64])
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", choices=["cpu", "gpu", "tiny"], default=None,
-                        help="model shape (default: gpu on CUDA, cpu otherwise)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="model dtype (default: bfloat16 on CUDA, float32 otherwise)")
-    parser.add_argument("--no-hf", action="store_true", help="time fastbon only")
-    parser.add_argument("--compile", action="store_true", help="fastbon's decode step under torch.compile (a warm-up "
-                        "call of each cell's shapes compiles it, untimed; cold and compile times are reported apart)")
-    parser.add_argument("--out", default="benchmarks/out", help="folder for e2e.csv and e2e.png")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """``fastbon bench`` with the options ``options.parse_bench`` read."""
+    device = args.device or default_device()
     shape = {"cpu": CPU_SHAPE, "gpu": GPU_SHAPE, "tiny": TINY_SHAPE}[
-        args.shape or ("gpu" if args.device.startswith("cuda") else "cpu")]
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    model = llama_model(**shape, dtype=dtype, device=args.device)
+        args.shape or ("gpu" if device.startswith("cuda") else "cpu")]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model = llama_model(**shape, dtype=dtype, device=device)
     rows = run_grid(model, args.P, args.n, args.new_tokens, top_p=args.top_p, run_hf=not args.no_hf,
                     compile=args.compile)
     os.makedirs(args.out, exist_ok=True)
-    write_csv(rows, os.path.join(args.out, "e2e.csv"))
-    plotted = plot(rows, os.path.join(args.out, "e2e.png"))
+    write_csv(rows, os.path.join(args.out, "e2e.csv"), CSV_FIELDS)
+    plot(rows, os.path.join(args.out, "e2e.png"))
     print(summary_table(rows))
-    print(f"wrote {args.out}/e2e.csv" + (f" and {args.out}/e2e.png" if plotted else ""))
+    print(f"wrote {args.out}/e2e.csv and {args.out}/e2e.png")
     return 0
+
+
+def main(argv=None) -> int:
+    return run(options.parse_bench(argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""``fastbon.batch`` on Ray Data: the input read by Ray, one actor per worker that loads the model once, and
+"""A data-set job on Ray Data: the input read by Ray, one actor per worker that loads the model once, and
 the same parts, resume and samples as the local path.
 
 Ray Data reads the input (``read_json`` / ``read_parquet``, so object-storage paths work); the driver checks it
-and cuts it into the same groups as the local path (``fastbon.batch.plan_groups``); the groups become a data set
+and cuts it into the same groups as the local path (``fastbon.jobs.groups.plan_groups``); the groups become a data set
 of one row per group, one block each, and ``map_batches`` runs ``GroupWorker`` on them over
 ``ActorPoolStrategy(size=workers)``, one GPU per actor when the cluster has GPUs, else ``threads_per_worker``
 CPUs. Each call writes its group's part itself (atomically, named by the group's ids, so a retried call rewrites
@@ -16,9 +16,12 @@ restarted and its call rerun: ``max_restarts`` / ``max_task_retries`` below) and
 """
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
-from . import batch_io
+from . import parquet
+from .config import BatchConfig
+from .groups import Job, PromptGenerator, run_group
 
 
 def _ray():
@@ -26,8 +29,27 @@ def _ray():
         import ray
         import ray.data
     except ImportError as error:
-        raise ImportError("fastbon.batch on Ray needs Ray Data: pip install 'fastbon[ray]'") from error
+        raise ImportError("fastbon.jobs on Ray needs Ray Data: pip install 'fastbon[ray]'") from error
     return ray
+
+
+def run_ray(config: BatchConfig, input, output, *, address, dtype, batch_prompts: int, progress: bool, workers: int,
+            threads_per_worker: int) -> dict:
+    """Run the job ``config`` over ``input`` into ``output`` on the Ray cluster at ``address`` (True: the one this
+    process joined, else a local one started and stopped with the job); ``dtype`` None: bfloat16 when the cluster
+    has GPUs, else float32. Returns the progress meter's summary."""
+    started = connect(address)
+    try:
+        on_gpu = cluster_has_gpus()
+        config = replace(config, dtype=dtype or ("bfloat16" if on_gpu else "float32"))
+        job = Job(config, read_input(input), output, batch_prompts, progress)
+        with parquet.exclusive(output):
+            run_on_ray(config, job.table, job.groups, output, job.meter, workers=workers,
+                       threads_per_worker=threads_per_worker, on_gpu=on_gpu)
+        return job.meter.summary()
+    finally:
+        if started:
+            _ray().shutdown()
 
 
 def connect(address) -> bool:
@@ -63,11 +85,11 @@ def _data_context(**execution_options):
             setattr(context.execution_options, name, value)
 
 
-def read_input(path) -> "batch_io.pyarrow.Table":
+def read_input(path) -> "parquet.pyarrow.Table":
     """The input as one checked table, read by Ray Data in file order (row numbers are the default ids)."""
     ray = _ray()
-    pyarrow = batch_io.pyarrow_modules()[0]
-    kind = batch_io.input_format(path)
+    pyarrow = parquet.pyarrow_modules()[0]
+    kind = parquet.input_format(path)
     with _data_context(preserve_order=True):
         try:
             dataset = ray.data.read_parquet(path) if kind == "parquet" else ray.data.read_json(path)
@@ -75,7 +97,7 @@ def read_input(path) -> "batch_io.pyarrow.Table":
         except (ray.exceptions.RayError, OSError, pyarrow.ArrowInvalid) as error:
             cause = getattr(error, "cause", None) or error  # a failed read task's own error, not Ray's traceback
             raise ValueError(f"input: cannot read {path}: {type(cause).__name__}: {cause}") from error
-    return batch_io.check_input(table, f"input: {path}")
+    return parquet.check_input(table, f"input: {path}")
 
 
 class GroupWorker:
@@ -84,17 +106,13 @@ class GroupWorker:
     def __init__(self, config: dict, output: str, on_gpu: bool, threads: int):
         import torch
 
-        from .batch import BatchConfig, PromptGenerator
-
         if not on_gpu:
             torch.set_num_threads(threads)
         self.generator = PromptGenerator(BatchConfig(**config), "cuda" if on_gpu else "cpu")
         self.output, self.jsonl = output, config["jsonl"]
 
     def __call__(self, groups):
-        from .batch import run_group
-
-        pyarrow = batch_io.pyarrow_modules()[0]
+        pyarrow = parquet.pyarrow_modules()[0]
         rows = [run_group(self.generator, self.output, ids, prompts, self.jsonl)
                 for ids, prompts in zip(groups["ids"].to_pylist(), groups["prompts"].to_pylist(), strict=True)]
         return pyarrow.table({name: [row[name] for row in rows] for name in rows[0]})
@@ -106,7 +124,7 @@ def run_on_ray(config, table, groups: list, output, meter, *, workers: int, thre
     if not groups:
         return
     ray = _ray()
-    pyarrow = batch_io.pyarrow_modules()[0]
+    pyarrow = parquet.pyarrow_modules()[0]
     prompt_column = "prompt" if "prompt" in table.column_names else "messages"
     blocks = [pyarrow.table({"ids": [table["id"].take(group).to_pylist()],
                              "prompts": [table[prompt_column].take(group).to_pylist()]}) for group in groups]

@@ -16,36 +16,20 @@ Search methods pick their final answer with the same final verifier as best-of-n
 with mean log-prob). Compute is ``result.stats["tokens_generated"]``. Writes search.csv and search.png to ``--out``.
 """
 
-import argparse
 import os
 import sys
 import time
 
 import torch
 
-from .bench import write_csv
-from .demo import _synchronize, accuracies, first_sample
-from .generate import generate
-from .models import load_chain_model
-from .models.chain import COMPLETION_TOKENS, check, extract_answer, make_problems, steps_correct, verify
-from .scoring import Pruning, majority, mean_logprob_so_far, step_checker, verifier
+from .. import generate, search
+from ..models import load_chain_model
+from ..models.chain import COMPLETION_TOKENS, check, extract_answer, make_problems, steps_correct, verify
+from ..scoring import Pruning, majority, mean_logprob_so_far, step_checker, verifier
+from .common import default_device, synchronize, write_csv
+from .demo import accuracies, first_sample
+from .options import DEFAULT_EVERY
 
-try:  # the search methods land separately; without them the demo runs the best-of-n rows and says so
-    from . import search
-except ImportError:
-    search = None
-
-FULL_NS, QUICK_NS = (2, 4, 8, 16, 32), (2, 4)
-FULL_PROBLEMS, QUICK_PROBLEMS = 200, 6
-# The hard end of what the model was trained on (3-6 operands of 1-2 digits): 4-5 steps of 2-digit operands, where
-# a step is right ~73 % of the time at T=1 and a whole chain ~24 %; the full training mix is `--operands 3 6
-# --digits 1 2` (88 % a step, 66 % a chain: little left for any method to fix).
-DEFAULT_OPERANDS, DEFAULT_DIGITS = (5, 6), (2, 2)
-# Away from the training stream (seed 0) and the held-out set TRAINING.txt measures (12345).
-DEFAULT_SEED = 2024
-# Tokens between search checkpoints: about one per line (a line is 5-11 tokens), so a wrong line is caught within a
-# few tokens of its newline. Every 4 tokens gave the same accuracy at up to 1.5x the wall time per token.
-DEFAULT_EVERY = 8
 # Beam search spends its budget n as n / BEAM_EXPAND beams, each expanded into BEAM_EXPAND candidates per step.
 BEAM_EXPAND = 4
 BEST_OF_N_RULES = ("first_sample", "mean_logprob", "majority", "verifier")
@@ -70,10 +54,10 @@ def final_verifier(tokenizer):
 
 def timed(device, call, *args, **kwargs):
     """(what ``call(*args, **kwargs)`` returns, its wall seconds), ``device`` synchronised on both sides."""
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     result = call(*args, **kwargs)
-    _synchronize(device)
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
@@ -91,8 +75,6 @@ def search_methods(model, tokenizer, n, seed, every=DEFAULT_EVERY) -> dict:
     common = dict(max_new_tokens=COMPLETION_TOKENS, temperature=1.0, top_k=0, seed=seed)
     methods = {"best_of_n+pruning": lambda ids: generate(model, ids, n=n, score=verified, **common,
                                                          prune=Pruning(every=16, keep=0.5, score=checker))}
-    if search is None:
-        return methods
     methods["particle_filter/checker"] = lambda ids: search.particle_filter(
         model, ids, n, step_score=checker, every=every, score=verified, **common)
     methods["particle_filter/mean_logprob"] = lambda ids: search.particle_filter(
@@ -149,14 +131,12 @@ def comparison(rows) -> str:
     by_key = {(r["method"], r["n"]): r for r in rows}
     lines = []
     for n in sorted({r["n"] for r in rows}):
-        filtered, best = by_key.get(("particle_filter/checker", n)), by_key[("best_of_n/verifier", n)]
-        if filtered is None:
-            continue
+        filtered, best = by_key[("particle_filter/checker", n)], by_key[("best_of_n/verifier", n)]
         lines.append(f"n={n}: particle filter (checker) {filtered['accuracy']:.3f} vs best-of-n (final verifier) "
                      f"{best['accuracy']:.3f}: {100 * (filtered['accuracy'] - best['accuracy']):+.1f} points; "
                      f"tokens {filtered['generated_tokens'] / best['generated_tokens']:.2f}x, "
                      f"wall per token {filtered['us_per_token'] / best['us_per_token']:.2f}x")
-    return "\n".join(lines) or "particle filtering not run: fastbon.search is not available in this install"
+    return "\n".join(lines)
 
 
 def plot(rows, path, title) -> None:
@@ -183,36 +163,13 @@ def plot(rows, path, title) -> None:
     plt.close(figure)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastbon demo --search", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_PROBLEMS} problems, n in {QUICK_NS} (for CI)")
-    parser.add_argument("--problems", type=int, default=None,
-                        help=f"how many chain problems (default {FULL_PROBLEMS}, {QUICK_PROBLEMS} with --quick)")
-    parser.add_argument("--ns", type=int, nargs="+", default=None, help=f"budgets n (default {FULL_NS})")
-    parser.add_argument("--operands", type=int, nargs=2, default=DEFAULT_OPERANDS, metavar=("MIN", "MAX"),
-                        help=f"operands per problem (default {DEFAULT_OPERANDS[0]} {DEFAULT_OPERANDS[1]})")
-    parser.add_argument("--digits", type=int, nargs=2, default=DEFAULT_DIGITS, metavar=("MIN", "MAX"),
-                        help=f"digits per operand (default {DEFAULT_DIGITS[0]} {DEFAULT_DIGITS[1]})")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seeds the problems and the sampling")
-    parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
-                        help=f"tokens between search checkpoints (default {DEFAULT_EVERY})")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    # One thread by default, as in `fastbon demo`: the matrices are too small to split on a shared CPU.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--out", default="benchmarks/out", help="folder for search.csv and search.png")
-    args = parser.parse_args(argv)
-    count = args.problems if args.problems is not None else (QUICK_PROBLEMS if args.quick else FULL_PROBLEMS)
-    if count < 1:
-        parser.error(f"--problems must be >= 1, got {count}")
-    ns = tuple(args.ns) if args.ns else (QUICK_NS if args.quick else FULL_NS)
-    if min(ns) < 1:
-        parser.error(f"--ns must all be >= 1, got {ns}")
-    if args.every < 1:
-        parser.error(f"--every must be >= 1, got {args.every}")
+def run(args) -> int:
+    """``fastbon demo --search`` with the options ``options.parse_search`` read."""
+    args.device = args.device or default_device()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _demo(args, count, ns)
+        return _demo(args, args.count, args.ns)
     finally:
         torch.set_num_threads(previous_threads)  # the caller (a test session, say) keeps its own setting
 
@@ -225,15 +182,13 @@ def _demo(args, count, ns) -> int:
     except ValueError as error:
         raise SystemExit(f"fastbon demo --search: --operands / --digits: {error}") from None
     print(f"model: the embedded chain model (fastbon.models.load_chain_model): fastbon's own "
-          f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.models.train_chain to add "
+          f"{parameters / 1e6:.2f}M-parameter Llama, trained from scratch by fastbon.demos.train_chain to add "
           "chains of numbers one step per line (no download)")
     print(f"task:  {count} chain problems of {args.operands[0]}-{args.operands[1]} operands with "
           f"{args.digits[0]}-{args.digits[1]} digits (seed {args.seed}); temperature 1, top_k=0, "
           f"up to {COMPLETION_TOKENS} new tokens, on {args.device} "
           f"({args.threads} CPU thread{'s' if args.threads > 1 else ''}); "
           f"search checkpoints every {args.every} tokens; accuracy = final sum right (answer key)")
-    if search is None:
-        print("note:  fastbon.search is not available: particle filtering and beam search rows are skipped")
     started = time.perf_counter()
     rows = run_demo(model, tokenizer, problems, ns, args.seed, args.every, progress=sys.stderr.isatty())
     print(table(rows))
