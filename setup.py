@@ -1,4 +1,4 @@
-"""Packaging: python/fastbon is the package, kernels/ installs as fastbon.kernels, csrc/ builds fastbon._C.
+"""Packaging: python/fastbon is the package (its Triton kernels in python/fastbon/kernels), csrc/ builds fastbon._C.
 
 The extension builds with torch's cpp_extension against the torch already installed, so install with
 ``pip install --no-build-isolation -e ".[test]"`` (or ``pip install --no-build-isolation .``).
@@ -88,7 +88,10 @@ ext_modules, cmdclass = _extension_build()
 setup(
     packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations", "fastbon.jobs",
               "fastbon.demos"],
-    package_dir={"fastbon": "python/fastbon", "fastbon.kernels": "kernels"},
+    # The Triton kernels live in python/fastbon/kernels, not in a top-level kernels/ mapped here: a top-level package
+    # of that name shadows PyPI's kernels (transformers imports it) for Python started in the repository root, and
+    # as a namespace folder instead, setuptools' editable finder cannot import it as fastbon.kernels.
+    package_dir={"fastbon": "python/fastbon"},
     package_data={"fastbon.models": ["*/*.json", "*/*.safetensors", "*/*.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -103,10 +103,23 @@ def test_oracle_matches_sdpa_without_features():
             torch.testing.assert_close(expected[i], out, rtol=1e-12, atol=1e-12)
 
 
+def _declines(backend, device, depth, features=()):
+    """What the registry says ``backend`` lacks for such a tree (None: it takes it). A forced backend that lacks
+    something raises one ValueError naming it, never runs another backend silently."""
+    from fastbon import dispatch
+
+    return dispatch.entry("tree_attention", backend).supports(None, torch.device(device), features, depth)
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 @pytest.mark.parametrize("nested", [True, False], ids=["tree", "any-map"])
 def test_random_trees_match_oracle(backend_device, depth, nested):
     backend, device = backend_device
+    if _declines(backend, device, depth) is not None:
+        q, levels, suffix_k, suffix_v, suffix_lens = random_tree(depth, depth, device=device)
+        with pytest.raises(ValueError, match=f"no trees of {depth} levels"):
+            tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=backend)
+        return
     dtypes = [torch.float32] if backend in ("triton", EMULATED_CUDA) else [torch.float32, torch.float64]
     for dtype in dtypes:
         for seed in range(3 if backend in ("triton", EMULATED_CUDA) else 6):
@@ -122,6 +135,8 @@ def test_random_trees_match_oracle(backend_device, depth, nested):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_trees(backend_device, dtype):
     backend, device = backend_device
+    if _declines(backend, device, 3) is not None:
+        pytest.skip(_declines(backend, device, 3))
     q, levels, suffix_k, suffix_v, suffix_lens = random_tree(7, 3, dtype=dtype, device=device)
     out = tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=backend)
     # The oracle on the same rounded inputs: what is left is the kernels' float32 accumulation and output rounding.
@@ -134,8 +149,15 @@ def test_16_bit_trees(backend_device, dtype):
                          ids=lambda f: "-".join(f))
 def test_features_on_trees(backend_device, features):
     """Windows across levels, soft-cap and sinks; the cuda kernels implement none of them (nor deeper trees):
-    their calls run on a backend that does, with the same result."""
+    forced, they raise ValueError naming what they lack."""
     backend, device = backend_device
+    lacking = _declines(backend, device, 3, tuple(features))
+    if lacking is not None:
+        q, levels, suffix_k, suffix_v, suffix_lens = random_tree(50, 3, device=device)
+        options = {**features, "sinks": torch.zeros(q.shape[1])} if features.get("sinks") else dict(features)
+        with pytest.raises(ValueError, match="cannot run tree_attention"):
+            tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=backend, **options)
+        return
     for seed in range(2):
         q, levels, suffix_k, suffix_v, suffix_lens = random_tree(50 + seed, 3, device=device)
         options = dict(features)
@@ -146,31 +168,22 @@ def test_features_on_trees(backend_device, features):
         torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_one_level_tree_runs_a_two_level_backend(emulated_cuda_backend):
+def test_one_level_tree_runs_a_two_level_backend(emulated_cuda_backend, monkeypatch):
     """A backend without a tree kernel (the cuda kernels, here under the emulator) serves a one-level tree with its
-    own shared-prefix kernel; deeper trees go to a backend that has one."""
+    own shared-prefix kernel; forced on a deeper tree it raises, and the kernel is never called."""
     calls = []
-    original = emulated_cuda_backend.shared_prefix_attention
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    emulated_cuda_backend.shared_prefix_attention = counted
-    from fastbon import dispatch
-    saved = dispatch._REGISTERED[EMULATED_CUDA]
-    dispatch._REGISTERED[EMULATED_CUDA] = dispatch.RegisteredBackend(
-        {**saved.implementations, "shared_prefix_attention": counted}, saved.device_types, saved.dtypes)
-    try:
-        for depth, expected_calls in ((1, 1), (3, 1)):
-            q, levels, suffix_k, suffix_v, suffix_lens = random_tree(9, depth)
-            out = tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=EMULATED_CUDA)
-            torch.testing.assert_close(out.double(), path_sdpa(q, levels, suffix_k, suffix_v, suffix_lens),
-                                       rtol=1e-5, atol=1e-5)
-            assert len(calls) == expected_calls
-    finally:
-        dispatch._REGISTERED[EMULATED_CUDA] = saved
-        emulated_cuda_backend.shared_prefix_attention = original
+    kernel = emulated_cuda_backend.library.fastbon_emulated_shared_prefix_attention
+    monkeypatch.setattr(emulated_cuda_backend.library, "fastbon_emulated_shared_prefix_attention",
+                        lambda *args: calls.append(1) or kernel(*args))
+    q, levels, suffix_k, suffix_v, suffix_lens = random_tree(9, 1)
+    out = tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=EMULATED_CUDA)
+    torch.testing.assert_close(out.double(), path_sdpa(q, levels, suffix_k, suffix_v, suffix_lens), rtol=1e-5,
+                               atol=1e-5)
+    assert len(calls) == 1
+    q, levels, suffix_k, suffix_v, suffix_lens = random_tree(9, 3)
+    with pytest.raises(ValueError, match=f"backend='{EMULATED_CUDA}' cannot run tree_attention on cpu: no trees of 3"):
+        tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, backend=EMULATED_CUDA)
+    assert len(calls) == 1
 
 
 def _memory_events(function):

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastbon import dispatch
-from fastbon.kernels.sample import _philox_uniform
+from fastbon.kernels import philox as triton_philox
 from fastbon.ops import reference, sample, select_topk, shared_prefix_attention
 from fastbon.ops.philox import philox_uniform
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(dispatch.unavailable_reason("triton", torch.devi
 @triton.jit
 def _philox_probe(seed_ptr, step_ptr, out_ptr, BLOCK: tl.constexpr):
     offsets = tl.arange(0, BLOCK)
-    tl.store(out_ptr + offsets, _philox_uniform(tl.load(seed_ptr + offsets), tl.load(step_ptr + offsets)))
+    tl.store(out_ptr + offsets, triton_philox.philox_uniform(tl.load(seed_ptr + offsets), tl.load(step_ptr + offsets)))
 
 
 def test_philox_bit_exact_with_torch():
@@ -176,20 +176,16 @@ compile_(sample._sample_kernel, dict(logits_ptr="*bf16", row_index_ptr="*i64", t
 for (dtype, precision), on in ((("bf16", "tf32"), False), (("fp32", "ieee"), False), (("bf16", "tf32"), True)):
     features = dict(WINDOWED=on, HAS_SOFTCAP=on)
     compile_(attention._level_partial_kernel, dict(q_ptr=f"*{dtype}", keys_ptr=f"*{dtype}", values_ptr=f"*{dtype}",
-             lens_ptr="*i32", suffix_lens_ptr="*i32", path_lens_ptr="*i32", level_offsets_ptr="*i32",
-             row_order_ptr="*i32", run_first_ptr="*i64", run_counts_ptr="*i64", run_segment_ptr="*i32",
-             tile_run_ptr="*i64", tile_first_ptr="*i64", partial_o_ptr="*fp32", partial_lse_ptr="*fp32",
-             chunk_base="i32", qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32", window="i32", num_rows="i32",
-             num_q_heads="i32", num_kv_heads="i32", key_capacity="i32", head_dim="i32", chunk_len="i32",
-             group="i32"),
+             suffix_lens_ptr="*i32", index_table_ptr="*i32", level_table_ptr="*i32", partial_o_ptr="*fp32",
+             partial_lse_ptr="*fp32", level="i32", qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32",
+             window="i32", num_rows="i32", num_q_heads="i32", num_kv_heads="i32", key_capacity="i32",
+             head_dim="i32"),
              dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features))
     compile_(attention._suffix_merge_kernel, dict(q_ptr=f"*{dtype}", suffix_k_ptr=f"*{dtype}",
-             suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", path_lens_ptr="*i32", level_segments_ptr="*i32",
-             level_offsets_ptr="*i32", level_lens_ptr="*i32", level_lens_base_ptr="*i32", level_chunk_len_ptr="*i32",
-             level_chunk_base_ptr="*i32", partial_o_ptr="*fp32", partial_lse_ptr="*fp32", sinks_ptr="*fp32",
-             out_ptr=f"*{dtype}", qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32", window="i32",
-             num_levels="i32", num_rows="i32", num_q_heads="i32", num_kv_heads="i32", suffix_max="i32",
-             head_dim="i32", group="i32"),
+             suffix_v_ptr=f"*{dtype}", suffix_lens_ptr="*i32", index_table_ptr="*i32", level_table_ptr="*i32",
+             partial_o_ptr="*fp32", partial_lse_ptr="*fp32", sinks_ptr="*fp32", out_ptr=f"*{dtype}",
+             qk_scale="fp32", scale_over_cap="fp32", cap_log2="fp32", window="i32", num_levels="i32",
+             num_rows="i32", num_q_heads="i32", num_kv_heads="i32", suffix_max="i32", head_dim="i32"),
              dict(BLOCK_G=16, BLOCK_N=32, BLOCK_D=128, DOT_PRECISION=precision, INTERPRETED_BF16=False, **features,
                   HAS_SINKS=on))
 """

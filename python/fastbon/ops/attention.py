@@ -31,8 +31,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     Returns:
         [N, Hq, D] in q's dtype: softmax attention of query i over its prompt's first prefix_lens[b] keys and its
         own first suffix_lens[i] keys (query head h reads KV head h // (Hq // Hkv)); zeros where there are no keys.
-        The cuda backend (and a registered one) implements none of window / softcap / sinks: calls with them run
-        on triton (or torch where triton cannot run).
+        The cuda backend (and a registered one, unless it declares them) implements none of window / softcap /
+        sinks: forced, it raises ValueError for a call with them; the default choice never picks it for one.
 
     Example:
         >>> out = shared_prefix_attention(q, pk, pv, torch.tensor([7], dtype=torch.int32), sk, sv,
@@ -67,8 +67,10 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     features = attention_features(window, softcap, sinks, num_q_heads, q.dtype, device)
     tensors = (q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt)
-    return attention_implementation(device, backend, q.dtype)(*(t.contiguous() for t in tensors), float(scale),
-                                                              *features)
+    names = tuple(name for name, value in zip(dispatch.FEATURES, features, strict=True) if value is not None)
+    chosen = dispatch.resolve("shared_prefix_attention", device, backend, q.dtype, features=names)
+    kernel = dispatch.implementation("shared_prefix_attention", chosen)
+    return kernel(*(t.contiguous() for t in tensors), float(scale), *features)
 
 
 def attention_features(window, softcap, sinks, num_q_heads: int, dtype: torch.dtype, device: torch.device):
@@ -91,31 +93,24 @@ def attention_features(window, softcap, sinks, num_q_heads: int, dtype: torch.dt
     return window, softcap, sinks
 
 
-# The backends whose kernels implement window, softcap and sinks; any other (cuda, a registered one) runs only
-# calls without them, and the others go to triton (torch where triton cannot run).
-FEATURE_BACKENDS = ("torch", "triton", "cpu")
-
-
 def attention_implementation(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None):
     """The backend function (contract of ``reference.shared_prefix_attention``, inputs unchecked) that runs on
-    ``device``: resolved once by a caller that calls it every layer of every step."""
+    ``device``: resolved once by a caller that calls it every layer of every step. Calls with window / softcap /
+    sinks that the resolved backend lacks go to the registry's choice for them (a forced backend raises)."""
     chosen = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
     kernel = dispatch.implementation("shared_prefix_attention", chosen)
-    if chosen in FEATURE_BACKENDS:
+    if dispatch.entry("shared_prefix_attention", chosen).features == frozenset(dispatch.FEATURES):
         return kernel
-    fallback = "triton" if dispatch.unavailable_reason("triton", device) is None else "torch"
-    return _without_features(kernel, dispatch.implementation("shared_prefix_attention", fallback))
-
-
-def _without_features(kernel, fallback):
-    """``kernel`` for calls without window / softcap / sinks (the CUDA kernels implement none of them and their
-    binding refuses them), ``fallback`` for the others: a feature is never dropped silently."""
 
     def run(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
             window=None, softcap=None, sinks=None):
-        if window is None and softcap is None and sinks is None:
-            return kernel(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale)
-        return fallback(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
+        features = tuple(name for name, value in zip(dispatch.FEATURES, (window, softcap, sinks), strict=True)
+                         if value is not None)
+        function = kernel
+        if features:
+            function = dispatch.implementation("shared_prefix_attention", dispatch.resolve(
+                "shared_prefix_attention", device, backend, q.dtype, features=features))
+        return function(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix_v, suffix_lens, sample_to_prompt, scale,
                         window, softcap, sinks)
 
     return run

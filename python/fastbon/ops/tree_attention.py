@@ -20,19 +20,28 @@ from .. import dispatch
 from . import _checks
 from .attention import attention_features
 
-# The backends with a tree kernel of their own; the others serve one-level trees through their two-level
-# shared-prefix kernel and send deeper trees, and calls with window / softcap / sinks, to triton (or torch).
-TREE_BACKENDS = ("torch", "triton", "cpu")
+
+def _features(window, softcap, sinks) -> tuple[str, ...]:
+    return tuple(name for name, value in (("window", window), ("softcap", softcap), ("sinks", sinks))
+                 if value is not None)
 
 
-def _backend_module(backend: str):
-    if backend == "torch":
-        from . import reference as module
-    elif backend == "triton":
-        from fastbon.kernels import tree_attention as module
-    else:
-        from .. import _cpp_ops as module
-    return module
+class OneLevelTree:
+    """tree_attention's backend contract on a two-level kernel (a ``shared_prefix_attention`` function): what the
+    cuda backend, and a registered backend without a tree kernel, run for one-level trees (the registry lets them
+    take no deeper tree)."""
+
+    def __init__(self, two_level):
+        self.two_level = two_level
+
+    def plan_tree(self, plan):
+        return None
+
+    def tree_attention(self, plan, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window=None,
+                       softcap=None, sinks=None):
+        features = () if window is None and softcap is None and sinks is None else (window, softcap, sinks)
+        return self.two_level(q, level_keys[0], level_values[0], plan.level_lens[0], suffix_k, suffix_v, suffix_lens,
+                              plan.level_segments[0], scale, *features)
 
 
 class TreePlan:
@@ -43,19 +52,18 @@ class TreePlan:
         level_segments: int32 [L, N]: row i's segment at level l.
         suffix_capacity: the positions of the suffix buffers the runs will read (a plan is remade when they grow).
         num_q_heads, num_kv_heads, head_dim, dtype, device: the calls' query shape and dtype.
-        backend: None (pick per device and dtype) or a backend name.
+        backend: None (pick per device, dtype and levels; FASTBON_BACKEND forces one) or a backend name. A forced
+            backend that cannot take the tree (its levels, or a feature a run asks for) raises ValueError; the
+            default choice moves to one that can, and logs why once (``fastbon.dispatch``).
     """
 
     def __init__(self, level_lens: list, level_segments: torch.Tensor, suffix_capacity: int, num_q_heads: int,
                  num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, backend=None):
         self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        self.backend = dispatch.resolve("shared_prefix_attention", device, backend, dtype)
-        if self.backend in TREE_BACKENDS:
-            self._module = _backend_module(self.backend)
-        else:  # cuda or a registered backend: its two-level kernel, for one-level trees without features
-            self._two_level = dispatch.implementation("shared_prefix_attention", self.backend)
-        self._fallback = None  # the plan of the backend that serves the calls this one declines, once one came
+        self.requested = dispatch.requested_backend(backend)
+        self.backend = None
+        self._fallbacks = {}  # features -> the plan of the backend that serves runs this one declines
         self.update(level_lens, level_segments, suffix_capacity)
 
     def update(self, level_lens: list, level_segments: torch.Tensor, suffix_capacity: int) -> None:
@@ -64,40 +72,50 @@ class TreePlan:
         self.level_segments = level_segments.to(torch.int32).contiguous()
         self.num_levels, self.num_rows = self.level_segments.shape
         self.suffix_capacity = suffix_capacity
-        self.state = self._module.plan_tree(self) if self.backend in TREE_BACKENDS else None
-        if self._fallback is not None:  # kept, and planned in place too, like this plan
-            self._fallback.update(level_lens, level_segments, suffix_capacity)
+        # The levels may have changed (forks add one): the backend is resolved again, and raises where forced.
+        self.backend = dispatch.resolve("tree_attention", self.device, self.requested, self.dtype,
+                                        levels=self.num_levels)
+        self._module = dispatch.implementation("tree_attention", self.backend)
+        self.state = self._module.plan_tree(self)
+        for fallback in self._fallbacks.values():  # kept, and planned in place too, like this plan
+            fallback.update(level_lens, level_segments, suffix_capacity)
 
     def grow_suffix(self, capacity: int) -> None:
         """The suffix buffers grew to ``capacity`` positions: only a backend whose plan sizes its workspace by them
         (``SUFFIX_SIZED_PLAN``: the cpu one) plans again; the others keep their plan, with no host read."""
         self.suffix_capacity = capacity
-        if self.backend in TREE_BACKENDS and getattr(self._module, "SUFFIX_SIZED_PLAN", False):
+        if getattr(self._module, "SUFFIX_SIZED_PLAN", False):
             self.state = self._module.plan_tree(self)
-        if self._fallback is not None:
-            self._fallback.grow_suffix(capacity)
+        for fallback in self._fallbacks.values():
+            fallback.grow_suffix(capacity)
 
-    def _fallback_plan(self) -> "TreePlan":
-        if self._fallback is None:
-            fallback = "triton" if dispatch.unavailable_reason("triton", self.device) is None else "torch"
-            self._fallback = TreePlan(self.level_lens, self.level_segments, self.suffix_capacity, self.num_q_heads,
-                                      self.num_kv_heads, self.head_dim, self.dtype, self.device, fallback)
-        return self._fallback
+    def _plan_for(self, features: tuple[str, ...]) -> "TreePlan":
+        """This plan where its backend takes ``features``, else (default choice only) a plan of the backend the
+        registry picks for them; a forced backend raises."""
+        if features in self._fallbacks:
+            return self._fallbacks[features]
+        chosen = dispatch.resolve("tree_attention", self.device, self.requested, self.dtype, features=features,
+                                  levels=self.num_levels)
+        if chosen == self.backend:
+            return self
+        self._fallbacks[features] = TreePlan(self.level_lens, self.level_segments, self.suffix_capacity,
+                                             self.num_q_heads, self.num_kv_heads, self.head_dim, self.dtype,
+                                             self.device, chosen)
+        return self._fallbacks[features]
 
     def run(self, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window=None, softcap=None,
             sinks=None):
         """One layer's attention (inputs in the backend contract's form: contiguous, checked by the caller):
         q [N, Hq, D]; level_keys/values per level [S_l, Hkv, C_l, D]; suffix_k/v [N, Hkv, C, D] with C the plan's
         suffix_capacity; suffix_lens int32 [N]. Returns [N, Hq, D] in q's dtype (a buffer of the plan on the cpu
-        backend: valid until the next run)."""
-        if self.backend in TREE_BACKENDS:
-            return self._module.tree_attention(self, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens,
-                                               scale, window, softcap, sinks)
-        if self.num_levels == 1 and window is None and softcap is None and sinks is None:
-            return self._two_level(q, level_keys[0], level_values[0], self.level_lens[0], suffix_k, suffix_v,
-                                   suffix_lens, self.level_segments[0], scale)
-        return self._fallback_plan().run(q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window,
-                                         softcap, sinks)
+        and triton backends: valid until the next run)."""
+        features = _features(window, softcap, sinks)
+        plan = self
+        if features and dispatch.entry("tree_attention", self.backend).supports(None, self.device, features,
+                                                                                self.num_levels) is not None:
+            plan = self._plan_for(features)
+        return plan._module.tree_attention(plan, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale,
+                                           window, softcap, sinks)
 
 
 def tree_attention(q, levels, suffix_k, suffix_v, suffix_lens, *, scale=None, window=None, softcap=None, sinks=None,

@@ -3,50 +3,21 @@
 Each program owns BLOCK_R output rows and streams their logits rows in [BLOCK_R, BLOCK_V] tiles. The top-k and
 top-p thresholds are found by bisection on the bit pattern of the threshold probability (non-negative floats
 order like their bits), one counting pass per step; see ``_sample_kernel``.
+
+Why bisection here (the CPU selects from a histogram, CUDA by radix passes, the reference sorts): a Triton program
+holds a tile of the row, not the row, and has no shared-memory histogram or atomics it controls; each bisection
+step is one streaming pass that only counts and sums within registers, so it needs no workspace and no sort, and
+snapping the interval to the data (``_narrow``) ends it in about log2(distinct p) passes, far fewer than 32.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from fastbon.ops import philox
-from fastbon.ops._alloc import new_output
-
 from ._launch import interpreted
+from .philox import philox_uniform
 
 # Globals a @triton.jit body reads must be constexpr (the GPU compiler rejects plain ints; the interpreter does not).
 ONE_BITS = tl.constexpr(0x3F800000)  # float32 1.0: every probability p = exp(s - max s) lies in [0, 1]
-ROUND_A = tl.constexpr(philox.PHILOX_ROUND_A)
-ROUND_B = tl.constexpr(philox.PHILOX_ROUND_B)
-KEY_A = tl.constexpr(philox.PHILOX_KEY_A)
-KEY_B = tl.constexpr(philox.PHILOX_KEY_B)
-ROUNDS = tl.constexpr(philox.PHILOX_ROUNDS)
-
-
-@triton.jit
-def _philox_uniform(seed, step):
-    """u = (c0 >> 8) * 2^-24 of Philox-4x32-10 with key (seed lo32, seed hi32), counter (step lo32, step hi32, 0, 0).
-
-    Bit-identical to ``fastbon.ops.philox.philox_uniform``: the 64-bit products are split into umulhi (high word)
-    and a wrapping uint32 multiply (low word).
-    """
-    key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = (step & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((step >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros_like(c0)
-    c3 = tl.zeros_like(c0)
-    round_a = tl.zeros_like(c0) + ROUND_A
-    round_b = tl.zeros_like(c0) + ROUND_B
-    for _ in tl.static_range(ROUNDS):
-        high_b = tl.umulhi(round_b, c2)
-        low_b = round_b * c2
-        high_a = tl.umulhi(round_a, c0)
-        low_a = round_a * c0
-        c0, c1, c2, c3 = high_b ^ c1 ^ key0, low_b, high_a ^ c3 ^ key1, low_a
-        key0 = key0 + KEY_A
-        key1 = key1 + KEY_B
-    return (c0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24: exact
 
 
 @triton.jit
@@ -175,7 +146,7 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
 
     seed = tl.load(seed_ptr + rows, mask=rows_valid, other=0)
     step = tl.load(step_ptr + rows, mask=rows_valid, other=0)
-    draw_target = _philox_uniform(seed, step) * kept_mass
+    draw_target = philox_uniform(seed, step) * kept_mass
     token = tl.zeros([BLOCK_R], tl.int32) + vocab  # vocab = not drawn yet
     last_kept = tl.zeros([BLOCK_R], tl.int32)
     cumulative = tl.zeros([BLOCK_R], tl.float32)
@@ -199,17 +170,15 @@ def _sample_kernel(logits_ptr, row_index_ptr, temperature_ptr, top_k_ptr, top_p_
     tl.store(logprobs_ptr + rows, token_logit - log_normalizer, mask=rows_valid)
 
 
-def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step):
-    """Backend contract (inputs validated and contiguous): logits [R, V] float; row_index int64 [N];
-    temperature, top_p, min_p float32 [N]; top_k int32 [N]; seed, step int64 [N]. Returns tokens int64 [N] and
+def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs):
+    """Launch on the backend contract's inputs (validated, contiguous): logits [R, V] float; row_index int64 [N];
+    temperature, top_p, min_p float32 [N]; top_k int32 [N]; seed, step int64 [N]. Writes tokens int64 [N] and
     logprobs float32 [N]. Probabilities are computed in float32 whatever the logits' dtype (float64 logits
     included): the thresholds, the draw and the log-probability all see the same float32 values."""
     num_rows = row_index.shape[0]
     vocab = logits.shape[1]
-    tokens = new_output((num_rows,), torch.int64, logits.device)
-    logprobs = new_output((num_rows,), torch.float32, logits.device)
     if num_rows == 0:
-        return tokens, logprobs
+        return
     # A GPU program keeps a 4096-element tile in registers (one row of a large vocabulary, or many rows of a
     # small one); the interpreter pays per op, so it takes tiles of 128Ki elements.
     tile = 131072 if interpreted(logits) else 4096
@@ -218,4 +187,3 @@ def sample(logits, row_index, temperature, top_k, top_p, min_p, seed, step):
     grid = (triton.cdiv(num_rows, block_r),)
     _sample_kernel[grid](logits, row_index, temperature, top_k, top_p, min_p, seed, step, tokens, logprobs,
                          num_rows, vocab, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=8)
-    return tokens, logprobs

@@ -8,8 +8,10 @@ Two kernels:
   2. ``_suffix_merge_kernel`` — per (row, KV head): attention over the row's own suffix, then the merge of that
      state with the partials of every level's segment on its path by log-sum-exp.
 
-``plan_tree`` does once per batch what does not change between layers and steps (rows grouped by segment, tiles,
-chunking, path offsets, the partial and output buffers); ``tree_attention`` only launches the kernels.
+The plan of a batch (``fastbon.ops._triton``: rows grouped by segment, tiles, chunking, path offsets, buffers) is
+made once per batch change and reaches the kernels as two int32 tables, not as per-level arguments: ``index_table``
+holds every level's index arrays end to end and ``level_table`` [L, LEVEL_COLUMNS] where each starts plus the level's
+chunking (the columns below). ``launch`` only launches the kernels.
 
 Optional features are constexpr switches, so a call without them compiles to the plain kernels: a soft-cap
 (scores c·tanh(scale·q.k / c)), a sliding window (each row hides the keys before its first visible one; key blocks
@@ -23,9 +25,28 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbon.ops._alloc import new_output
+from .merge_state import merge_state
 
-from ._launch import interpreted
+# level_table's columns: where a level's arrays start in index_table, then its chunking. index_table starts with
+# path_lens [N] (every row's keys before its suffix), at 0.
+LENS = tl.constexpr(0)  # [S_l] each segment's length
+OFFSETS = tl.constexpr(1)  # [N] where the level starts on each row's path
+SEGMENTS = tl.constexpr(2)  # [N] each row's segment
+ROW_ORDER = tl.constexpr(3)  # [N] the rows sorted by segment
+RUN_FIRST = tl.constexpr(4)  # [R_l] a run (a segment with rows): its first row in row_order
+RUN_COUNTS = tl.constexpr(5)  # [R_l] its rows
+RUN_SEGMENT = tl.constexpr(6)  # [R_l] its segment
+TILE_RUN = tl.constexpr(7)  # [T_l] a query tile's run
+TILE_FIRST = tl.constexpr(8)  # [R_l] a run's first tile
+CHUNK_LEN = tl.constexpr(9)  # keys per chunk of the level
+CHUNK_BASE = tl.constexpr(10)  # the level's first partial slot
+LEVEL_COLUMNS = tl.constexpr(11)
+
+
+@triton.jit
+def _level_array(level_table_ptr, index_table_ptr, level, column):
+    """A pointer to level ``level``'s array ``column`` in index_table."""
+    return index_table_ptr + tl.load(level_table_ptr + level * LEVEL_COLUMNS + column)
 
 
 @triton.jit
@@ -114,13 +135,11 @@ def _attend_block(q, keys_ptr, values_ptr, key_start, key_end, first_visible, he
 
 
 @triton.jit
-def _level_partial_kernel(q_ptr, keys_ptr, values_ptr, lens_ptr, suffix_lens_ptr, path_lens_ptr, level_offsets_ptr,
-                          row_order_ptr, run_first_ptr, run_counts_ptr, run_segment_ptr, tile_run_ptr, tile_first_ptr,
-                          partial_o_ptr, partial_lse_ptr, chunk_base, qk_scale, scale_over_cap, cap_log2, window,
-                          num_rows, num_q_heads, num_kv_heads, key_capacity, head_dim, chunk_len, group,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr):
+def _level_partial_kernel(q_ptr, keys_ptr, values_ptr, suffix_lens_ptr, index_table_ptr, level_table_ptr,
+                          partial_o_ptr, partial_lse_ptr, level, qk_scale, scale_over_cap, cap_log2, window, num_rows,
+                          num_q_heads, num_kv_heads, key_capacity, head_dim, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Partial attention of one level's segment's query rows over one chunk of the segment.
 
     A run is a segment with rows; row r of run u's matrix (0 <= r < count_u * group) is query head
@@ -136,17 +155,24 @@ def _level_partial_kernel(q_ptr, keys_ptr, values_ptr, lens_ptr, suffix_lens_ptr
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     chunk = tl.program_id(2)
-    run = tl.load(tile_run_ptr + tile)
-    segment = tl.load(run_segment_ptr + run)
-    length = tl.load(lens_ptr + segment)
+    group = num_q_heads // num_kv_heads
+    chunk_len = tl.load(level_table_ptr + level * LEVEL_COLUMNS + CHUNK_LEN)
+    chunk_base = tl.load(level_table_ptr + level * LEVEL_COLUMNS + CHUNK_BASE)
+    run = tl.load(_level_array(level_table_ptr, index_table_ptr, level, TILE_RUN) + tile)
+    segment = tl.load(_level_array(level_table_ptr, index_table_ptr, level, RUN_SEGMENT) + run)
+    length = tl.load(_level_array(level_table_ptr, index_table_ptr, level, LENS) + segment)
     key_start = chunk * chunk_len
     # A chunk past the segment's keys has no rows to store: the merge kernel never reads it.
-    row_count = tl.where(key_start < length, tl.load(run_counts_ptr + run), 0) * group
+    row_count = tl.where(key_start < length,
+                         tl.load(_level_array(level_table_ptr, index_table_ptr, level, RUN_COUNTS) + run), 0) * group
     key_end = tl.minimum(key_start + chunk_len, length)
 
-    rows = (tile - tl.load(tile_first_ptr + run)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile_first = tl.load(_level_array(level_table_ptr, index_table_ptr, level, TILE_FIRST) + run)
+    rows = (tile - tile_first) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < row_count
-    row = tl.load(row_order_ptr + tl.load(run_first_ptr + run) + rows // group, mask=row_valid, other=0)
+    run_first = tl.load(_level_array(level_table_ptr, index_table_ptr, level, RUN_FIRST) + run)
+    row = tl.load(_level_array(level_table_ptr, index_table_ptr, level, ROW_ORDER) + run_first + rows // group,
+                  mask=row_valid, other=0)
     q_row = row.to(tl.int64) * num_q_heads + kv_head * group + rows % group
     dims = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + q_row[:, None] * head_dim + dims[None, :],
@@ -160,8 +186,10 @@ def _level_partial_kernel(q_ptr, keys_ptr, values_ptr, lens_ptr, suffix_lens_ptr
     loop_start = key_start
     if WINDOWED:
         suffix_len = tl.load(suffix_lens_ptr + row, mask=row_valid, other=0)
-        path_len = tl.load(path_lens_ptr + row, mask=row_valid, other=0)
-        first_visible = path_len + suffix_len - window - tl.load(level_offsets_ptr + row, mask=row_valid, other=0)
+        path_len = tl.load(index_table_ptr + row, mask=row_valid, other=0)
+        level_offset = tl.load(_level_array(level_table_ptr, index_table_ptr, level, OFFSETS) + row, mask=row_valid,
+                               other=0)
+        first_visible = path_len + suffix_len - window - level_offset
         earliest = tl.min(tl.where(row_valid, first_visible, key_capacity), axis=0)
         loop_start = tl.maximum(key_start, tl.maximum(earliest, 0) // BLOCK_N * BLOCK_N)
     for start in range(loop_start, key_end, BLOCK_N):
@@ -178,13 +206,12 @@ def _level_partial_kernel(q_ptr, keys_ptr, values_ptr, lens_ptr, suffix_lens_ptr
 
 
 @triton.jit
-def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, path_lens_ptr, level_segments_ptr,
-                         level_offsets_ptr, level_lens_ptr, level_lens_base_ptr, level_chunk_len_ptr,
-                         level_chunk_base_ptr, partial_o_ptr, partial_lse_ptr, sinks_ptr, out_ptr, qk_scale,
-                         scale_over_cap, cap_log2, window, num_levels, num_rows, num_q_heads, num_kv_heads,
-                         suffix_max, head_dim, group, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
-                         WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
+def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, index_table_ptr, level_table_ptr,
+                         partial_o_ptr, partial_lse_ptr, sinks_ptr, out_ptr, qk_scale, scale_over_cap, cap_log2, window,
+                         num_levels, num_rows, num_q_heads, num_kv_heads, suffix_max, head_dim, BLOCK_G: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         INTERPRETED_BF16: tl.constexpr, WINDOWED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
     """For row i and the `group` query heads of one KV head: online softmax over suffix[i][:S_i], then merge with
     each chunk c of each level's segment on its path that holds keys it sees:
 
@@ -196,6 +223,7 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pat
     """
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
+    group = num_q_heads // num_kv_heads
     heads = tl.arange(0, BLOCK_G)
     head_valid = heads < group
     dims = tl.arange(0, BLOCK_D)
@@ -205,7 +233,7 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pat
                 other=0.0)
 
     suffix_len = tl.load(suffix_lens_ptr + row)
-    path_len = tl.load(path_lens_ptr + row)
+    path_len = tl.load(index_table_ptr + row)
     slab = (row.to(tl.int64) * num_kv_heads + kv_head) * suffix_max * head_dim
     max_row = tl.full([BLOCK_G], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_G], tl.float32)
@@ -221,14 +249,15 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pat
                                               INTERPRETED_BF16, WINDOWED, HAS_SOFTCAP)
 
     for level in range(0, num_levels):
-        segment = tl.load(level_segments_ptr + level * num_rows + row)
-        length = tl.load(level_lens_ptr + tl.load(level_lens_base_ptr + level) + segment)
-        chunk_len = tl.load(level_chunk_len_ptr + level)
-        chunk_base = tl.load(level_chunk_base_ptr + level)
+        segment = tl.load(_level_array(level_table_ptr, index_table_ptr, level, SEGMENTS) + row)
+        length = tl.load(_level_array(level_table_ptr, index_table_ptr, level, LENS) + segment)
+        chunk_len = tl.load(level_table_ptr + level * LEVEL_COLUMNS + CHUNK_LEN)
+        chunk_base = tl.load(level_table_ptr + level * LEVEL_COLUMNS + CHUNK_BASE)
         chunk_first = 0
         chunk_end = tl.cdiv(length, chunk_len)
         if WINDOWED:
-            level_first = path_len + suffix_len - window - tl.load(level_offsets_ptr + level * num_rows + row)
+            level_offset = tl.load(_level_array(level_table_ptr, index_table_ptr, level, OFFSETS) + row)
+            level_first = path_len + suffix_len - window - level_offset
             chunk_first = tl.maximum(level_first, 0) // chunk_len
             chunk_end = tl.where(level_first < length, chunk_end, 0)
         for chunk in range(chunk_first, chunk_end):
@@ -236,25 +265,17 @@ def _suffix_merge_kernel(q_ptr, suffix_k_ptr, suffix_v_ptr, suffix_lens_ptr, pat
             chunk_lse = tl.load(partial_lse_ptr + partial_row, mask=head_valid, other=0.0)
             chunk_o = tl.load(partial_o_ptr + partial_row[:, None] * head_dim + dims[None, :],
                               mask=head_valid[:, None] & dim_valid[None, :], other=0.0)
-            new_max = tl.maximum(max_row, chunk_lse)
-            rescale = tl.exp2(max_row - new_max)
-            weight = tl.exp2(chunk_lse - new_max)
-            acc = acc * rescale[:, None] + weight[:, None] * chunk_o
-            row_sum = row_sum * rescale + weight
-            max_row = new_max
-    if HAS_SINKS:
+            max_row, row_sum, acc = merge_state(max_row, row_sum, acc, chunk_lse, chunk_o)
+    if HAS_SINKS:  # a key of logit sink_h and no value
         sink = tl.load(sinks_ptr + kv_head * group + heads, mask=head_valid, other=0.0) * 1.4426950408889634
-        new_max = tl.maximum(max_row, sink)
-        rescale = tl.exp2(max_row - new_max)
-        acc = acc * rescale[:, None]
-        row_sum = row_sum * rescale + tl.exp2(sink - new_max)
+        max_row, row_sum, acc = merge_state(max_row, row_sum, acc, sink, 0.0)
 
     out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
     out = _to_output(out, out_ptr.dtype.element_ty, INTERPRETED_BF16)
     tl.store(out_ptr + q_row[:, None] * head_dim + dims[None, :], out, mask=head_valid[:, None] & dim_valid[None, :])
 
 
-def _block_sizes(num_rows, num_runs, group, float32, interpreter):
+def block_sizes(num_rows, num_runs, group, float32, interpreter):
     """(BLOCK_M, BLOCK_N) of a level: BLOCK_M fits the average segment's rows (16..64: tl.dot's minimum, and a
     register budget). float32 operands go through IEEE dots that stage both tiles in shared memory: 64 x 64 tiles at
     D = 128 take 180 KB (compiled for sm_80/sm_90), 32-key tiles with at most 32 rows fit every sm_8x/sm_90 part."""
@@ -263,7 +284,7 @@ def _block_sizes(num_rows, num_runs, group, float32, interpreter):
     return block_m, 128 if interpreter else 32 if float32 else 64
 
 
-def _chunking(longest, tiles, num_kv_heads, block_n, interpreter):
+def chunking(longest, tiles, num_kv_heads, block_n, interpreter):
     """(chunk length, chunks) of a level: its segments are split until (tiles x KV heads x chunks) reaches a few
     programs per SM (fewer in the interpreter, which runs programs in turn, but still several chunks so the merge
     path is exercised)."""
@@ -276,110 +297,40 @@ def _chunking(longest, tiles, num_kv_heads, block_n, interpreter):
     return chunk_len, triton.cdiv(longest, chunk_len)
 
 
-class _LevelPlan:
-    """One level's launch: its rows grouped into runs (a segment and the rows below it), and their query tiles."""
-
-    def __init__(self, lens, segments, offsets, group, num_kv_heads, float32, interpreter, chunk_base):
-        num_segments = lens.shape[0]
-        segments = segments.long()
-        counts = torch.bincount(segments, minlength=num_segments)
-        self.row_order = torch.argsort(segments, stable=True).to(torch.int32)
-        run_segment = counts.nonzero().flatten()
-        self.run_segment = run_segment.to(torch.int32)
-        self.run_counts = counts[run_segment]
-        self.run_first = (torch.cumsum(counts, 0) - counts)[run_segment]
-        self.block_m, self.block_n = _block_sizes(segments.shape[0], run_segment.shape[0], group, float32, interpreter)
-        tiles_per_run = (self.run_counts * group + self.block_m - 1) // self.block_m
-        tile_end = torch.cumsum(tiles_per_run, 0)
-        self.tiles = int(tile_end[-1]) if tile_end.numel() else 0  # the plan's one host read per level
-        self.tile_run = torch.searchsorted(tile_end, torch.arange(self.tiles, device=lens.device), right=True)
-        self.tile_first = tile_end - tiles_per_run
-        longest = int(lens.max()) if num_segments else 0
-        self.chunk_len, self.num_chunks = _chunking(longest, max(self.tiles, 1), num_kv_heads, self.block_n,
-                                                    interpreter)
-        self.chunk_base = chunk_base
-        self.offsets = offsets
-
-
-class _TritonTreeState:
-    """The triton backend's plan of a batch: per level its launch, the path offsets, the partial and output
-    buffers every layer's run reuses."""
-
-    def __init__(self, plan):
-        device, num_rows = plan.device, plan.num_rows
-        group = plan.num_q_heads // plan.num_kv_heads
-        self.interpreter = interpreted(plan.level_segments)
-        float32 = plan.dtype == torch.float32
-        segments = plan.level_segments.long()
-        path = torch.zeros(num_rows, dtype=torch.int64, device=device)
-        offsets = []
-        for level in range(plan.num_levels):
-            offsets.append(path.clone())
-            path += plan.level_lens[level].long()[segments[level]]
-        self.path_lens = path.to(torch.int32)
-        self.level_offsets = (torch.stack(offsets) if offsets else path[None, :0]).to(torch.int32).contiguous()
-        self.levels, chunk_base = [], 0
-        for level in range(plan.num_levels):
-            launch = _LevelPlan(plan.level_lens[level], plan.level_segments[level], self.level_offsets[level], group,
-                                plan.num_kv_heads, float32, self.interpreter, chunk_base)
-            self.levels.append(launch)
-            chunk_base += launch.num_chunks
-        ints = dict(dtype=torch.int32, device=device)
-        sizes = [lens.shape[0] for lens in plan.level_lens]
-        self.level_lens = torch.cat(plan.level_lens) if sizes else torch.zeros(1, **ints)
-        self.level_lens_base = torch.tensor([sum(sizes[:level]) for level in range(len(sizes))] or [0], **ints)
-        self.level_chunk_len = torch.tensor([launch.chunk_len for launch in self.levels] or [1], **ints)
-        self.level_chunk_base = torch.tensor([launch.chunk_base for launch in self.levels] or [0], **ints)
-        self.partial_o = torch.empty((chunk_base, num_rows, plan.num_q_heads, plan.head_dim), dtype=torch.float32,
-                                     device=device)
-        self.partial_lse = torch.empty((chunk_base, num_rows, plan.num_q_heads), dtype=torch.float32, device=device)
-        self.out = new_output((num_rows, plan.num_q_heads, plan.head_dim), plan.dtype, device)
-
-
-def plan_tree(plan):
-    """Plan of ``fastbon.ops.tree_attention.TreePlan`` for the triton backend."""
-    if plan.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton' (float32 accumulation), "
-                        f"got {str(plan.dtype).removeprefix('torch.')}; use backend='torch' for float64")
-    return _TritonTreeState(plan)
-
-
-def tree_attention(plan, q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, scale, window=None,
-                   softcap=None, sinks=None):
-    """Backend contract of ``reference.tree_attention`` on a plan (validated, contiguous; sinks None or float32
-    [Hq]). Writes the plan's output buffer and returns it: each layer's output is consumed before the next
-    layer's attention runs."""
-    state = plan.state
+def launch(q, level_keys, level_values, suffix_k, suffix_v, suffix_lens, index_table, level_table, level_launches,
+           partial_o, partial_lse, out, scale, window, softcap, sinks, interpreter):
+    """Run one layer on a plan: q [N, Hq, D]; level_keys/values per level [S_l, Hkv, C_l, D]; suffix_k/v [N, Hkv, C,
+    D]; suffix_lens int32 [N]; index_table, level_table int32 (the module docstring); level_launches per level
+    (tiles, chunks, BLOCK_M, BLOCK_N); partial_o float32 [chunks, N, Hq, D] and partial_lse [chunks, N, Hq] for every
+    level's chunks; out [N, Hq, D] (written); scale a float; window None or int >= 1; softcap None or float > 0;
+    sinks None or float32 [Hq]; interpreter: whether Triton's interpreter runs it. 16- and 32-bit floats only: the
+    kernels accumulate in float32."""
     num_rows, num_q_heads, head_dim = q.shape
-    out = state.out
     if num_rows == 0:
-        return out
+        return
     num_kv_heads = suffix_k.shape[1]
     group = num_q_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # 16-bit products are exact in fp32 anyway
-    upcast_bf16 = state.interpreter and q.dtype == torch.bfloat16
+    upcast_bf16 = interpreter and q.dtype == torch.bfloat16
     qk_scale = scale * math.log2(math.e)
     features = dict(WINDOWED=window is not None, HAS_SOFTCAP=softcap is not None)
     scale_over_cap, cap_log2 = (scale / softcap, softcap * math.log2(math.e)) if softcap is not None else (1.0, 1.0)
     window = window if window is not None else 0
-    for launch, keys, values, lens in zip(state.levels, level_keys, level_values, plan.level_lens, strict=True):
-        if launch.num_chunks == 0 or launch.tiles == 0:
+    for level, (keys, values, (tiles, num_chunks, block_m, block_n)) in enumerate(
+            zip(level_keys, level_values, level_launches, strict=True)):
+        if num_chunks == 0 or tiles == 0:
             continue
-        _level_partial_kernel[(launch.tiles, num_kv_heads, launch.num_chunks)](
-            q, keys, values, lens, suffix_lens, state.path_lens, launch.offsets, launch.row_order, launch.run_first,
-            launch.run_counts, launch.run_segment, launch.tile_run, launch.tile_first, state.partial_o,
-            state.partial_lse, launch.chunk_base, qk_scale, scale_over_cap, cap_log2, window, num_rows, num_q_heads,
-            num_kv_heads, keys.shape[2], head_dim, launch.chunk_len, group, BLOCK_M=launch.block_m,
-            BLOCK_N=launch.block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16,
-            **features, num_warps=4)
+        _level_partial_kernel[(tiles, num_kv_heads, num_chunks)](
+            q, keys, values, suffix_lens, index_table, level_table, partial_o, partial_lse, level, qk_scale,
+            scale_over_cap, cap_log2, window, num_rows, num_q_heads, num_kv_heads, keys.shape[2], head_dim,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_PRECISION=dot_precision,
+            INTERPRETED_BF16=upcast_bf16, **features, num_warps=4)
 
     _suffix_merge_kernel[(num_rows, num_kv_heads)](
-        q, suffix_k, suffix_v, suffix_lens, state.path_lens, plan.level_segments, state.level_offsets, state.level_lens,
-        state.level_lens_base, state.level_chunk_len, state.level_chunk_base, state.partial_o, state.partial_lse,
-        sinks if sinks is not None else state.partial_lse, out, qk_scale, scale_over_cap, cap_log2, window,
-        plan.num_levels, num_rows, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim, group,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=128 if state.interpreter else 32, BLOCK_D=block_d,
+        q, suffix_k, suffix_v, suffix_lens, index_table, level_table, partial_o, partial_lse,
+        sinks if sinks is not None else partial_lse, out, qk_scale, scale_over_cap, cap_log2, window,
+        len(level_launches), num_rows, num_q_heads, num_kv_heads, suffix_k.shape[2], head_dim,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=128 if interpreter else 32, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision, INTERPRETED_BF16=upcast_bf16, **features, HAS_SINKS=sinks is not None,
         num_warps=4)
-    return out

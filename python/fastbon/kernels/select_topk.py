@@ -4,8 +4,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbon.ops._alloc import new_output
-
 from ._launch import interpreted
 
 
@@ -41,14 +39,12 @@ def _select_topk_kernel(scores_ptr, values_ptr, indices_ptr, n, k,
     tl.store(indices_ptr + slot, j.to(tl.int64), mask=selected)
 
 
-def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backend contract: scores [B, n] float32/float64 contiguous without NaN, 1 <= k <= n (checked by the
-    public op). Returns values [B, k] in scores' dtype and int64 indices [B, k]."""
+def select_topk(scores: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor) -> None:
+    """Launch on the backend contract's inputs: scores [B, n] float32/float64 contiguous without NaN, 1 <= k <= n
+    (checked by the public op). Writes values [B, k] in scores' dtype and int64 indices [B, k]."""
     num_rows, n = scores.shape
-    values = new_output((num_rows, k), scores.dtype, scores.device)
-    indices = new_output((num_rows, k), torch.int64, scores.device)
     if num_rows == 0:
-        return values, indices
+        return
     # On a GPU a 64 x 256 comparison tile keeps registers modest and gives B * n/64 programs; the interpreter
     # pays per op and per program, so it takes the widest tiles NumPy handles comfortably.
     widest_j, widest_i = (256, 1024) if interpreted(scores) else (64, 256)
@@ -56,4 +52,3 @@ def select_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     block_i = min(widest_i, triton.next_power_of_2(n))
     grid = (num_rows, triton.cdiv(n, block_j))
     _select_topk_kernel[grid](scores, values, indices, n, k, BLOCK_J=block_j, BLOCK_I=block_i)
-    return values, indices
