@@ -1,0 +1,97 @@
+"""Waiting on engine requests from the event loop: whole results, stream events merged across a request's prompts
+as server-sent events, and the client's disconnect."""
+
+import asyncio
+import json
+import time
+
+from .errors import APIError
+from .responses import StreamText
+
+
+async def disconnected(request) -> None:
+    """Returns when the client has gone. The body is read already, so the ASGI server's next message is the
+    disconnect (or the end of the response, after which nobody waits on this)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _failure(error: BaseException) -> APIError:
+    from fastbon.engine import Cancelled
+
+    if isinstance(error, Cancelled):
+        return APIError(503, "the request was cancelled: the server is shutting down", code="cancelled",
+                        headers={"Retry-After": "1"})
+    return APIError(500, f"the request failed in the engine: {type(error).__name__}: {error}", code="engine_error")
+
+
+async def results(handles: list, waiters) -> list:
+    """Each handle's ``GenerationResult``; ``request.result()`` blocks, so each waits on a thread of ``waiters``
+    (idle threads, woken by the engine), never on the event loop. The request's own failure becomes its answer."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.gather(*(loop.run_in_executor(waiters, handle.result) for handle in handles))
+    except Exception as error:
+        raise _failure(error) from error
+
+
+async def _events(handles: list):
+    """(prompt, event) from every handle's ``astream()`` as they come; the first failure ends the stream."""
+    queue = asyncio.Queue()
+
+    async def pump(prompt, handle):
+        try:
+            async for event in handle.astream():
+                await queue.put((prompt, event, None))
+        except Exception as error:
+            await queue.put((prompt, None, error))
+            return
+        await queue.put((prompt, None, None))
+
+    tasks = [asyncio.ensure_future(pump(prompt, handle)) for prompt, handle in enumerate(handles)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            prompt, event, error = await queue.get()
+            if error is not None:
+                raise error
+            if event is None:
+                remaining -= 1
+            else:
+                yield prompt, event
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def sse(server, handles: list, formatter, first_token, start: float):
+    """The answer as server-sent events: chunks tagged with their choice, a usage chunk where asked, ``[DONE]``.
+    A failure mid-stream is sent as an OpenAI error event (the status line has gone already). Leaving early (the
+    client disconnected, shutdown) cancels the engine requests that are still running."""
+    texts, completion_tokens, timed = {}, 0, False
+    try:
+        async for prompt, event in _events(handles):
+            index = prompt * formatter.n + event.sample
+            fresh = index not in texts
+            text = texts.setdefault(index, StreamText(formatter.tokenizer, formatter.stops))
+            piece = text.add(event.tokens, event.finish_reason is not None)
+            completion_tokens += len(event.tokens)
+            if not (piece or fresh or event.finish_reason or formatter.logprobs):
+                continue
+            if piece and not timed:
+                first_token.observe(time.perf_counter() - start)
+                timed = True
+            yield _data(formatter.chunk(index, piece, event, fresh))
+        if formatter.include_usage:
+            yield _data(formatter.usage_chunk(completion_tokens))
+        yield "data: [DONE]\n\n"
+    except Exception as error:
+        failure = _failure(error)
+        yield _data({"error": {"message": failure.message, "type": "server_error", "param": None,
+                               "code": failure.code}})
+    finally:
+        server.release(handles)
