@@ -1,6 +1,6 @@
 """``fastbon demo --search``: where checking each step beats checking the end — accuracy vs generated tokens.
 
-On the chain model that ships inside fastbon (a tiny Llama trained by ``fastbon.models.train_chain`` to add chains
+On the chain model that ships inside fastbon (a tiny Llama trained by ``fastbon.demos.train_chain`` to add chains
 of numbers one line per step, right at most steps but not all), for several budgets n, each method gets n
 samples / particles per problem and returns one answer, judged by the answer key (``fastbon.models.chain.check``):
 
