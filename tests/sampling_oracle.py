@@ -1,5 +1,6 @@
-"""What a sampler may return for one row, computed in float64, and when a backend's token that differs from the
-float64 reference is explained by float32 rounding.
+"""What a sampler may return for one row, computed in float64 from the sampling rule itself (independent of
+``fastbon.ops.reference``, which is one of the backends tested against it), and when a backend's token that differs
+from that float64 draw is explained by float32 rounding.
 
 Every backend draws with the same Philox uniform u (``fastbon.ops.philox``), so a backend's token can differ from the
 float64 reference only where float32 arithmetic moves a decision: a probability within rounding of a threshold (a
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fastbon.ops import reference
 from fastbon.ops.philox import philox_uniform
 
 UNIT_ROUNDOFF = 2.0**-24
@@ -39,6 +39,42 @@ class RowRule:
     cdf: float
 
 
+def kept_threshold(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> float:
+    """The smallest kept p of one row (float64 p with maximum 1), written from the rule itself, not from the
+    reference's code: tokens with p >= it (and p > 0) are kept. Top-k keeps p >= the k-th largest p; top-p then the
+    fewest largest p (ties at the cut all kept) whose mass reaches top_p of the top-k mass; min-p keeps p >= min_p."""
+    ordered = sorted(probs.tolist(), reverse=True)
+    threshold_k = ordered[top_k - 1] if 0 < top_k < len(ordered) else 0.0
+    threshold_p = 0.0
+    if top_p < 1:
+        kept = [p for p in ordered if p >= threshold_k]
+        target, mass = top_p * math.fsum(kept), 0.0
+        for p in kept:
+            mass += p
+            if mass >= target:
+                threshold_p = p
+                break
+        else:
+            threshold_p = kept[-1]
+    return max(threshold_k, threshold_p, min_p)
+
+
+def oracle_draw(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
+                u: float) -> int:
+    """The float64 draw of one row: greedy for temperature 0 (the first maximal logit), else the first token in
+    vocabulary order whose cumulative kept mass exceeds u times the kept total."""
+    x = logits_row.double().cpu()
+    if temperature == 0:
+        return int(torch.nonzero(x == x.max())[0])
+    scaled = x / temperature
+    probs = torch.exp(scaled - scaled.max())
+    threshold = kept_threshold(probs, top_k, top_p, min_p)
+    kept = torch.where((probs >= threshold) & (probs > 0), probs, torch.zeros_like(probs))
+    cumulative = torch.cumsum(kept, 0)
+    crossed = torch.nonzero((cumulative > u * cumulative[-1]) & (kept > 0))
+    return int(crossed[0]) if crossed.numel() else int(torch.nonzero(kept)[-1])
+
+
 def row_rule(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> RowRule:
     """The kept sets of one row (temperature > 0) under float32 rounding of the probabilities and masses."""
     x = logits_row.double().cpu()
@@ -50,9 +86,7 @@ def row_rule(logits_row: torch.Tensor, temperature: float, top_k: int, top_p: fl
     cdf = relative_p + 16 * UNIT_ROUNDOFF * (math.sqrt(vocab) + 64)
 
     def threshold(p_value):
-        return reference.sampling_threshold(probs[None], torch.tensor([top_k]),
-                                            torch.tensor([p_value], dtype=torch.float64),
-                                            torch.tensor([min_p], dtype=torch.float64))[0].item()
+        return kept_threshold(probs, top_k, p_value, min_p)
 
     # A smaller top_p keeps fewer tokens: the mass comparison's rounding moves the top-p cut either way.
     margin = relative_p + cdf
@@ -95,8 +129,9 @@ def check_tokens(logits, row_index, temperature, top_k, top_p, min_p, seed, step
     logits = logits.double().cpu()
     row_index, tokens = row_index.cpu(), tokens.cpu()
     temperature, top_k, top_p, min_p = (t.cpu() for t in (temperature, top_k, top_p, min_p))
-    expected, _ = reference.sample(logits, row_index, temperature, top_k.int(), top_p, min_p, seed.cpu(), step.cpu())
     uniforms = philox_uniform(seed.cpu(), step.cpu())
+    expected = torch.tensor([oracle_draw(logits[row_index[i]], temperature[i].item(), int(top_k[i]), top_p[i].item(),
+                                         min_p[i].item(), uniforms[i].item()) for i in range(tokens.shape[0])])
     problems = []
     for i in torch.nonzero(tokens != expected).flatten().tolist():
         row = logits[row_index[i]]

@@ -265,13 +265,15 @@ def test_features_in_other_dtypes(feature_backend, dtype):
 
 
 def test_cuda_kernels_decline_features(emulated_cuda_backend, monkeypatch):
-    """The CUDA kernels implement no window / soft-cap / sinks: a call with one runs on the Triton kernels (the
-    emulated CUDA kernel is never called) and is right; a call without them still runs the CUDA kernel."""
+    """The CUDA kernels implement no window / soft-cap / sinks: forced, a call with one raises ValueError naming the
+    features and never reaches the kernel (no silent run on another backend); a call without them runs it."""
     calls = []
     kernel = emulated_cuda_backend.library.fastbon_emulated_shared_prefix_attention
     monkeypatch.setattr(emulated_cuda_backend.library, "fastbon_emulated_shared_prefix_attention",
                         lambda *args: calls.append(1) or kernel(*args))
-    _check_features(EMULATED_CUDA, "cpu", FEATURE_SHAPES[1], torch.float32, seed=8, window=5, softcap=2.0)
+    with pytest.raises(ValueError, match=f"backend='{EMULATED_CUDA}' cannot run shared_prefix_attention on cpu: "
+                                         "no softcap / window"):
+        _check_features(EMULATED_CUDA, "cpu", FEATURE_SHAPES[1], torch.float32, seed=8, window=5, softcap=2.0)
     assert not calls
     q, *args = _feature_inputs(FEATURE_SHAPES[1], torch.float32, "cpu", 8, True)
     shared_prefix_attention(q, *args, backend=EMULATED_CUDA)

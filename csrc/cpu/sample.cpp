@@ -6,6 +6,11 @@
 // the bucket holding the k-th largest p (by count) and the bucket where the kept mass reaches top_p of the top-k
 // mass; only those buckets' members are collected and ordered. The draw is the first index in vocabulary order
 // whose cumulative kept mass exceeds u * total, u the Philox uniform of (seed, step).
+//
+// Why a histogram here (CUDA radix-selects, Triton bisects, the reference sorts): one CPU thread owns the row, so
+// one pass over p stored in L2 builds the whole histogram with no atomics, and only the few members of the bucket
+// holding each threshold are then ordered; a full sort of 128k probabilities per row costs ~17 comparisons each,
+// and bisection would re-read the row every step.
 #include <algorithm>
 #include <cmath>
 #include <functional>

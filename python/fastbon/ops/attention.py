@@ -70,7 +70,8 @@ def shared_prefix_attention(q, prefix_k, prefix_v, prefix_lens, suffix_k, suffix
     names = tuple(name for name, value in zip(dispatch.FEATURES, features, strict=True) if value is not None)
     chosen = dispatch.resolve("shared_prefix_attention", device, backend, q.dtype, features=names)
     kernel = dispatch.implementation("shared_prefix_attention", chosen)
-    return kernel(*(t.contiguous() for t in tensors), float(scale), *features)
+    # Features go only to calls that have them: the kernels without any (cuda, a registered one) take 9 arguments.
+    return kernel(*(t.contiguous() for t in tensors), float(scale), *(features if names else ()))
 
 
 def attention_features(window, softcap, sinks, num_q_heads: int, dtype: torch.dtype, device: torch.device):

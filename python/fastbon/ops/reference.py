@@ -3,6 +3,10 @@
 They take inputs already validated and normalised by the public functions in ``fastbon.ops`` (the backend
 contract, written out in each function's docstring) and compute in float64 when given float64, else float32.
 They are written for clarity, not speed, but avoid copying the shared prefix per sample.
+
+Why top-p by a full sort here (the CPU selects from a histogram, CUDA by radix passes, Triton by bisection): a sort
+states the rule directly (the k-th largest, the cumulative mass of the largest) and torch runs it on any device;
+the oracle's job is to be obviously right, and the others are timed against it.
 """
 
 import torch
