@@ -22,7 +22,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -62,12 +62,10 @@ class Implementation:
     default_dtypes: tuple[torch.dtype, ...] | None = None
     default_max_rows: int | None = None
     batch_invariant: bool = False
-    _function: list = field(default_factory=list, compare=False, repr=False)
 
     def function(self) -> Callable:
-        if not self._function:
-            self._function.append(self.load())
-        return self._function[0]
+        # Loaded per resolution, not cached: a module attribute replaced later (a test's patch) is the one that runs.
+        return self.load()
 
     def supports(self, dtype: torch.dtype | None, device: torch.device, features=(), levels: int = 1) -> str | None:
         """None when this implementation takes the call, else what it lacks (a phrase). ``device`` is checked by the
