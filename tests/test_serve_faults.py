@@ -106,11 +106,12 @@ _FIELDS = ["model", "prompt", "messages", "n", "best_of", "max_tokens", "max_com
            "response_format", "user", "particle_filter"]
 _PLAUSIBLE = (st.integers(-3, 140) | st.floats(-1, 3) | st.sampled_from(["1+1=", "", "9", "mean_logprob"]) |
               st.lists(st.integers(-2, 20), max_size=5) | st.booleans() | _JSON)
-_BODIES = st.fixed_dictionaries({"model": st.just(EMBEDDED), "prompt": st.just("1+1="),
-                                 "messages": st.just([{"role": "user", "content": "1+1="}]),
-                                 "max_tokens": st.integers(1, 4)}).flatmap(
-    lambda base: st.dictionaries(st.sampled_from(_FIELDS), _PLAUSIBLE, max_size=5).map(lambda extra: {**base,
-                                                                                                        **extra}))
+_EXTRA = st.dictionaries(st.sampled_from(_FIELDS), _PLAUSIBLE, max_size=5)
+_REQUESTS = (st.tuples(st.just("/v1/completions"), _EXTRA.map(
+    lambda extra: {"model": EMBEDDED, "prompt": "1+1=", "max_tokens": 2, **extra})) |
+    st.tuples(st.just("/v1/chat/completions"), _EXTRA.map(
+        lambda extra: {"model": EMBEDDED, "messages": [{"role": "user", "content": "1+1="}], **extra})) |
+    st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), _JSON))
 
 
 def test_generated_bodies_never_get_a_server_error(tmp_path):
@@ -130,8 +131,9 @@ def test_generated_bodies_never_get_a_server_error(tmp_path):
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
         @settings_
-        @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=_BODIES | _JSON)
-        def json_bodies(path, body):
+        @given(request=_REQUESTS)
+        def json_bodies(request):
+            path, body = request
             send(path, json.dumps(body).encode())
 
         @settings(settings_, max_examples=30)
@@ -161,11 +163,12 @@ def _read_stream(served, body) -> tuple[int, bool]:
 
 
 def test_sigterm_drains_then_cancels_and_exits_cleanly(tmp_path, long_model):
-    served = start(tmp_path / "server.log", "--model", long_model, "--shutdown-timeout", "6")
+    served = start(tmp_path / "server.log", "--model", long_model, "--shutdown-timeout", "10")
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            finishing = pool.submit(served.post, "/v1/completions", _body(long_model, 400), 60)
             endless = pool.submit(_read_stream, served, _body(long_model, LONG, stream=True, seed=2))
+            wait_for(lambda: served.metrics()["fastbon_rows_active"] == 8, 30, "the endless stream decoding")
+            finishing = pool.submit(served.post, "/v1/completions", _body(long_model, 100), 60)
             wait_for(lambda: served.metrics()["fastbon_rows_active"] == 16, 30, "both requests decoding")
             signalled = time.monotonic()
             served.process.send_signal(signal.SIGTERM)
