@@ -107,7 +107,7 @@ def _seconds(*command) -> float:
 
 
 @pytest.mark.parametrize("arguments", [["--help"], ["run", "--help"], ["batch", "--help"], ["demo", "--help"],
-                                       ["bench", "--help"]])
+                                       ["demo", "--search", "--help"], ["bench", "--help"]])
 def test_help_takes_under_a_second_more_than_an_empty_interpreter(arguments):
     """Measured side by side in one run, so a slow machine slows both."""
     empty = _seconds("-c", "pass")
