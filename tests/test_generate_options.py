@@ -10,6 +10,7 @@ from transformers.generation.logits_process import RepetitionPenaltyLogitsProces
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 import fastbon
+from fastbon.kv_blocks import BLOCK
 
 TEXT = ["the stop sign stops the operator", "stopping is the topic of the operation", "a top stopper stood still"]
 
@@ -131,7 +132,7 @@ def test_finish_reasons_and_growth_past_the_first_block():
     config = model.config
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 4
-    assert result.stats["suffix_kv_bytes"] <= 2 * 12 * int(result.lengths.max()) * per_position
+    assert result.stats["kv_bytes"] <= (2 * 12 + 2) * BLOCK * -(-int(result.lengths.max()) // BLOCK) * per_position
 
 
 def test_memory_follows_tokens_not_max_new_tokens():
@@ -141,7 +142,7 @@ def test_memory_follows_tokens_not_max_new_tokens():
     config = model.config
     per_position = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 4
-    assert result.stats["suffix_kv_bytes"] <= 4 * 2 * max(64, int(result.lengths.max())) * per_position
+    assert result.stats["kv_bytes"] <= (4 * 2 + 2) * BLOCK * -(-int(result.lengths.max()) // BLOCK) * per_position
     assert result.sequences.shape[-1] == result.stats["decode_steps"] < 1000
 
 

@@ -6,7 +6,7 @@ import torch
 from hf_models import VOCAB, tiny_model
 
 import fastbon
-from fastbon.cache import SUFFIX_BLOCK
+from fastbon.kv_blocks import BLOCK
 from fastbon.memory import call_bytes, parse_budget
 
 
@@ -20,73 +20,28 @@ def _budget_for_rows(model, prompts, max_new_tokens, rows):
     return estimate["prefix"] + estimate["prefill"] + rows * estimate["per_row"] + estimate["per_row"] // 2
 
 
-def test_waves_equal_one_wave_and_share_the_prefill():
-    model = tiny_model("llama", eos_token_id=5)
-    prompts = _prompts()
-    settings = dict(n=8, k=3, max_new_tokens=20, temperature=1.0, top_p=0.9, seed=[4, 5], return_all=True)
-    single = fastbon.generate(model, prompts, **settings)
-    embedded = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: embedded.append(args[0].shape))
-    waves = fastbon.generate(model, prompts, max_memory=_budget_for_rows(model, prompts, 20, 3), **settings)
-    hook.remove()
-    assert single.stats["waves"] == 1 and waves.stats["waves"] == 6  # 16 rows, 3 per wave
-    prefill_rows = sum(shape[0] for shape in embedded if shape[1] > 1)
-    assert prefill_rows == len(prompts), "every wave reads the same prefill"
-    assert torch.equal(waves.all_sequences, single.all_sequences)
-    assert torch.equal(waves.all_lengths, single.all_lengths)
-    assert torch.equal(waves.all_finish_reasons, single.all_finish_reasons)
-    assert torch.allclose(waves.all_token_logprobs, single.all_token_logprobs, atol=1e-5)
-    assert torch.equal(waves.indices, single.indices)
-
-
-def test_waves_of_any_width_give_the_bits_of_one_wave():
-    """80 rows in one wave, against waves of 32, 32 and 16: every product runs the fixed-order kernel whatever the
-    batch's width (torch's BLAS rounds narrow batches differently), so the log-probs match bit for bit."""
+def test_preempted_rows_give_the_unbounded_result():
+    """A budget of a few KV blocks: rows wait for blocks and the newest are preempted as they grow; every sample
+    still equals, bit for bit, the run without a budget, and the prompts are prefilled once."""
     model = tiny_model("llama")
     prompts = _prompts()
-    settings = dict(n=40, k=40, max_new_tokens=12, top_p=0.9, seed=[1, 2], return_all=True)
-    single = fastbon.generate(model, prompts, **settings)
-    waves = fastbon.generate(model, prompts, max_memory=_budget_for_rows(model, prompts, 12, 40), **settings)
-    assert single.stats["waves"] == 1 and waves.stats["waves"] == 3  # 40 rows fit: waves of whole 32s
-    assert torch.equal(waves.all_sequences, single.all_sequences)
-    assert torch.equal(waves.all_token_logprobs, single.all_token_logprobs)
+    settings = dict(n=6, k=6, max_new_tokens=300, seed=3, return_all=True, eos_token_id=[])
+    free = fastbon.generate(model, prompts, **settings)
+    engine_blocks = 12
+    block_bytes = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * BLOCK * (
+        model.config.hidden_size // model.config.num_attention_heads) * 4
+    budget = call_bytes(model, [12], 1)["prefill"] + call_bytes(model, [12], 1)["prefix"] + engine_blocks * block_bytes
+    tight = fastbon.generate(model, prompts, max_memory=budget, **settings)
+    assert tight.stats["preempted"] > 0
+    assert tight.stats["prefill_tokens"] == free.stats["prefill_tokens"] == sum(p.numel() for p in prompts)
+    assert torch.equal(tight.all_sequences, free.all_sequences)
+    assert torch.equal(tight.all_token_logprobs, free.all_token_logprobs)
 
 
-def test_rows_preempted_as_the_suffix_grows_give_the_one_wave_result():
-    """Rows are admitted by what they hold now (the first suffix block); when the suffix doubles past the budget the
-    newest samples are preempted and decoded again from the prompt in a later wave, with the same tokens."""
-    model = tiny_model("llama", eos_token_id=5)
-    prompts = _prompts()
-    settings = dict(n=8, k=3, max_new_tokens=150, temperature=1.0, top_p=0.9, seed=[4, 5], return_all=True)
-    single = fastbon.generate(model, prompts, **settings)
-    estimate = call_bytes(model, [prompt.numel() for prompt in prompts], 150)
-    fixed = estimate["prefix"] + estimate["prefill"]
-    budget = fixed + 6 * (SUFFIX_BLOCK * estimate["per_token"] + estimate["per_row_fixed"])
-    preempting = fastbon.generate(model, prompts, max_memory=budget, **settings)
-    assert single.stats["preempted"] == 0 and preempting.stats["preempted"] > 0
-    assert preempting.stats["waves"] >= 16 // 6 + 1
-    # What the rows held never passed the budget's room for them.
-    assert preempting.stats["suffix_kv_bytes"] <= budget - fixed
-    assert torch.equal(preempting.all_sequences, single.all_sequences)
-    assert torch.equal(preempting.all_lengths, single.all_lengths)
-    assert torch.equal(preempting.all_finish_reasons, single.all_finish_reasons)
-    assert torch.allclose(preempting.all_token_logprobs, single.all_token_logprobs, atol=1e-5)
-    assert torch.equal(preempting.indices, single.indices)
-
-
-def test_a_call_that_cannot_fit_is_refused_before_the_prefill():
+def test_a_call_that_cannot_fit_is_refused():
     model = tiny_model("llama")
-    calls = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda *args: calls.append(1))
-    prompts = _prompts()
-    budget = _budget_for_rows(model, prompts, 50, 0) - call_bytes(model, [7, 12], 50)["per_row"]
-    with pytest.raises(MemoryError, match=r"max_memory=.* MiB.*need .* MiB.*up to .* MiB"):
-        fastbon.generate(model, prompts, n=4, max_new_tokens=50, max_memory=budget)
-    with pytest.raises(MemoryError, match="pruning"):
-        fastbon.generate(model, prompts, n=4, max_new_tokens=50, prune=fastbon.Pruning(every=4),
-                         max_memory=_budget_for_rows(model, prompts, 50, 2))
-    hook.remove()
-    assert not calls
+    with pytest.raises(MemoryError, match="max_memory"):
+        fastbon.generate(model, _prompts(), n=4, max_new_tokens=50, max_memory=4096)
 
 
 @pytest.mark.parametrize("value, expected", [("512MiB", 512 * 2**20), ("2GB", 2 * 10**9), (4096, 4096),

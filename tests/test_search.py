@@ -7,6 +7,7 @@ from hf_models import VOCAB, hf_token_logprobs, tiny_model
 
 import fastbon
 from fastbon import search
+from fastbon.kv_blocks import BLOCK
 from fastbon.search import check_weights, resample_parents
 
 EOS = 5
@@ -40,7 +41,7 @@ def test_particle_filter_matches_hf_and_is_reproducible(backend):
     prompts = _prompts()
     run = dict(step_score=even_tokens, every=3, max_new_tokens=20, seed=3, return_all=True, backend=backend)
     result = search.particle_filter(model, prompts, 6, **run)
-    assert result.stats["checkpoints"] == 6 and result.stats["levels"] > 3
+    assert 6 <= result.stats["checkpoints"] <= 12  # per prompt, until its population has finished
     _check_against_hf(model, prompts, result)
     again = search.particle_filter(model, prompts, 6, **run)
     assert torch.equal(result.all_sequences, again.all_sequences)
@@ -74,19 +75,18 @@ def test_beam_search_keeps_the_best_beams():
         assert all(torch.equal(heads[3 * beam], heads[3 * beam + child]) for beam in range(2) for child in range(3))
 
 
-def test_forks_copy_no_kv():
-    """After each resample the generated KV grows by the new tokens of the live rows only: the suffixes written
-    before it are read in place as a shared level."""
+def test_forks_share_full_blocks():
+    """A fork's children share their parent's full KV blocks and copy only its partial last block: after each
+    checkpoint the generated KV stays within one partial block per row of the tokens written."""
     model = tiny_model("llama")
     config = model.config
     per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
         config.hidden_size // config.num_attention_heads) * 4
-    rows, every = 2 * 6, 4
+    rows, every = 6, 4
     result = search.particle_filter(model, _prompts(), 6, step_score=even_tokens, every=every, max_new_tokens=24,
                                     seed=0, eos_token_id=[])
-    growth = torch.tensor(result.stats["generated_kv_bytes"]).diff()
-    assert torch.all(growth[:-1] == rows * every * per_token), growth
-    assert result.stats["generated_kv_bytes"][-1] == rows * 24 * per_token  # = the tokens generated, no more
+    for per_prompt in result.stats["generated_kv_bytes"]:
+        assert per_prompt and all(held <= rows * BLOCK * per_token for held in per_prompt)
 
 
 def test_systematic_resampling_counts():
@@ -101,41 +101,14 @@ def test_systematic_resampling_counts():
     torch.testing.assert_close(frequencies, weights.exp()[0], rtol=0, atol=0.01)
 
 
-def test_common_prefix_prefilled_once():
-    """Prompts sharing a long prefix: it is forwarded once (counted at the embedding layer) and stored once, and
-    every sample matches HF's forward of its full prompt."""
-    model = tiny_model("llama")
-    generator = torch.Generator().manual_seed(1)
-    common = torch.randint(6, VOCAB, (48,), generator=generator)
-    prompts = [torch.cat([common, torch.randint(6, VOCAB, (length,), generator=generator)]) for length in (5, 2, 9)]
-    seen = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, output: seen.append(args[0].shape))
-    try:
-        result = fastbon.generate(model, prompts, n=4, k=4, max_new_tokens=8, seed=0, eos_token_id=[],
-                                  return_all=True)
-    finally:
-        hook.remove()
-    prefill_tokens = sum(shape.numel() for shape in seen if shape[1] > 1)
-    assert result.stats["common_prefix_tokens"] == 48
-    assert prefill_tokens == result.stats["prefill_tokens"] <= 48 + 1.1 * (5 + 2 + 9)
-    config = model.config
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * (
-        config.hidden_size // config.num_attention_heads) * 4
-    assert result.stats["prefix_kv_bytes"] == (48 + 3 * 9) * per_token  # the common part once, each rest padded to 9
-    _check_against_hf(model, prompts, result)
-    single = [fastbon.generate(model, [prompt], n=4, k=4, max_new_tokens=8, seed=0, eos_token_id=[]) for prompt in
-              prompts[:1]]
-    torch.testing.assert_close(result.token_logprobs[0], single[0].token_logprobs[0], rtol=0, atol=1e-5)
-
-
 def test_bad_input_one_clear_error_each():
     model = tiny_model("llama")
     prompts = _prompts()
     run = dict(every=2, max_new_tokens=6, seed=0)
-    with pytest.raises(ValueError, match=r"shape \[B, width\] = \(2, 4\), got \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"shape \[B, width\] = \(1, 4\), got \(2, 3\)"):
         search.particle_filter(model, prompts, 4, step_score=lambda s: torch.zeros(2, 3), **run)
     with pytest.raises(ValueError, match="NaN"):
-        search.particle_filter(model, prompts, 4, step_score=lambda s: torch.full((2, 4), float("nan")), **run)
+        search.particle_filter(model, prompts, 4, step_score=lambda s: torch.full((1, 4), float("nan")), **run)
     with pytest.raises(ValueError, match="prompt 1 log-weight -inf"):
         search.particle_filter(model, prompts, 4, step_score=lambda s: torch.tensor([[0.0] * 4, [-float("inf")] * 4]),
                                **run)

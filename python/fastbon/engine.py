@@ -22,7 +22,7 @@ from collections import deque
 
 import torch
 
-from . import hf
+from . import dispatch, hf
 from .config import SamplingConfig
 from .decode import EOS, LENGTH, PRUNED, STOP, Decoder, invariant_rows
 from .engine_memory import pool_blocks, prefix_keys, weights_version
@@ -60,6 +60,10 @@ class Engine:
 
         check_engine_arguments(max_rows, prefill_chunk, compile, prefix_cache, background, max_memory)
         hf.check_model(model, 0)
+        # Every row reads at least two levels of blocks (its prompt's, its own): a forced backend without trees
+        # declines here, before any work.
+        dispatch.resolve("tree_attention", model.get_output_embeddings().weight.device, backend,
+                         model.get_output_embeddings().weight.dtype, levels=2)
         hf.route_attention(model.config._attn_implementation)
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.max_rows = max_rows or DEFAULT_MAX_ROWS
@@ -206,10 +210,6 @@ class Engine:
             raise ValueError(f"prompt_ids holds token id {low if low < 0 else high}, outside the model's vocabulary "
                              f"[0, {self.vocab})")
         hf.check_model(self.model, prompt.numel() + config.max_new_tokens)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if isinstance(limit, int) and prompt.numel() + config.max_new_tokens > limit:
-            raise ValueError(f"prompt ({prompt.numel()} tokens) + max_new_tokens ({config.max_new_tokens}) exceeds "
-                             f"the model's max_position_embeddings={limit}")
         return prompt
 
     def _rows_promised(self) -> int:
@@ -390,7 +390,8 @@ class Engine:
     def complete(self, request: Request) -> None:
         """All samples ended: score, select the best k, hand the result over."""
         config = request.config
-        request.stats.update(prefix_kv_bytes=len(request.prompt_blocks) * self.pool.block_bytes)
+        request.stats.update(prefix_kv_bytes=len(request.prompt_blocks) * self.pool.block_bytes,
+                             decode_steps=request.steps)
         self._drop(request)
         try:
             output = samples_tensors(request.samples, self.pad_token_id, self.device, config.top_logprobs)

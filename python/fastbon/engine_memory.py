@@ -28,7 +28,9 @@ def pool_blocks(engine, layer_shapes: list, dtype) -> tuple[int, int]:
     budget = parse_budget(engine.max_memory)
     if budget is None:
         budget = int(DEFAULT_SHARE * free_bytes(engine.device))
-    estimate = call_bytes(engine.model, [engine.prefill_chunk], 1)
+    # The prefill's activations: of a chunk, or of the longest prompt queued when the pool is made when shorter.
+    queued = [request.prompt.numel() for request in (*engine.waiting, *engine.prefilling)]
+    estimate = call_bytes(engine.model, [min(engine.prefill_chunk, max(queued, default=engine.prefill_chunk))], 1)
     element = torch.empty((), dtype=dtype).element_size()
     block_bytes = BLOCK * element * sum(heads * (key_dim + value_dim) for heads, key_dim, value_dim in layer_shapes)
     fixed = estimate["prefill"] + estimate["prefix"]

@@ -8,6 +8,7 @@ from .decode import PRUNED
 from .ops.topk import select_topk
 from .scoring import Samples, compute_scores
 
+
 @dataclass
 class GenerationResult:
     """The best k of n samples per prompt (and all n with ``return_all=True``).
