@@ -7,7 +7,7 @@ import inspect
 
 from . import capabilities
 
-# decode.py, search.py and prefill.py reach these through this module until they import fastbon.routing themselves.
+# decode.py and engine.py reach these through this module until they import fastbon.routing themselves.
 from .routing import CACHE_KWARG, route_attention, skinny_linears  # noqa: F401
 
 
