@@ -51,7 +51,7 @@ class BlockPool:
         return self.lens.shape[0]
 
     def blocks_in_use(self) -> int:
-        return self.capacity - len(self.free)
+        return self.capacity - len(self.free) - 1  # the empty block holds nothing
 
     def nbytes(self) -> int:
         """Bytes held by the blocks in use (the pool's spare capacity is not counted)."""

@@ -61,7 +61,8 @@ def step_inputs(rows: list, device, first: bool = False):
         seen = torch.stack([row.seen if row.seen is not None else blank for row in rows])
     return StepInputs(
         tokens=[] if first else [row.sample_state().tokens[-1] for row in rows],
-        positions=[] if first else [row.request.prompt.numel() + count - 1 for row, count in zip(rows, generated)],
+        positions=[] if first else [row.request.prompt.numel() + count - 1
+                                    for row, count in zip(rows, generated, strict=True)],
         temperature=column([config.temperature for config in configs], torch.float32),
         top_k=column([config.top_k for config in configs], torch.int32),
         top_p=column([config.top_p for config in configs], torch.float32),
