@@ -24,7 +24,8 @@ def _random_request(rng: random.Random):
                                     temperature=rng.choice([0.0, 0.7, 1.0]), top_k=rng.choice([0, 20]),
                                     top_p=rng.choice([1.0, 0.9]), seed=rng.randrange(1000),
                                     eos_token_id=rng.choice([None, [], [rng.randrange(3, VOCAB)]]),
-                                    repetition_penalty=rng.choice([1.0, 1.3]), logprobs=rng.choice(["raw", "processed"]))
+                                    repetition_penalty=rng.choice([1.0, 1.3]),
+                                    logprobs=rng.choice(["raw", "processed"]))
     return prompt, config
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import hf
+from . import hf, routing
 from .compiled import compiled_forward
 from .ops.sampling import sample_implementation
 
@@ -94,7 +94,7 @@ class Decoder:
         self.device = model.get_output_embeddings().weight.device
         self.forward_extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
         self.cache_argument = hf.cache_argument(model)
-        self.linears = hf.skinny_linears(model, backend)
+        self.linears = routing.skinny_linears(model, backend)
         self.compiled = compiled_forward(model) if compile else None
         self.sample = sample_implementation(self.device, backend, model.get_output_embeddings().weight.dtype)
         self.routing_checked = False
@@ -109,7 +109,7 @@ class Decoder:
         # A prepared 4-D mask makes HF skip its mask construction; the fastbon attention reads the paths instead.
         mask = torch.ones((padded_rows, 1, 1, 1), dtype=torch.bool, device=self.device)
         arguments = dict(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         **{self.cache_argument: cache, hf.CACHE_KWARG: cache}, **self.forward_extra)
+                         **{self.cache_argument: cache, routing.CACHE_KWARG: cache}, **self.forward_extra)
         cache.attention_calls = 0
         with self.linears or contextlib.nullcontext():
             if self.compiled is None or not self.routing_checked:

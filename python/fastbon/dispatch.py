@@ -92,7 +92,7 @@ def _module(module: str) -> Callable[[], Callable]:
 
 
 def _cuda_one_level_tree():
-    from .ops.tree_attention import OneLevelTree
+    from .ops.one_level_tree import OneLevelTree
 
     return OneLevelTree(importlib.import_module("fastbon._cpp_ops").shared_prefix_attention)
 
@@ -198,7 +198,7 @@ def register_backend(name: str, implementations: Mapping[str, Callable], *, devi
         two_level = table["shared_prefix_attention"]
 
         def one_level_tree(two_level=two_level):
-            from .ops.tree_attention import OneLevelTree
+            from .ops.one_level_tree import OneLevelTree
 
             return OneLevelTree(two_level.function())
 

@@ -22,7 +22,7 @@ from collections import deque
 
 import torch
 
-from . import dispatch, hf
+from . import dispatch, hf, routing
 from .config import SamplingConfig
 from .decode import EOS, LENGTH, PRUNED, STOP, Decoder, invariant_rows
 from .engine_memory import pool_blocks, prefix_keys, weights_version
@@ -64,7 +64,7 @@ class Engine:
         # declines here, before any work.
         dispatch.resolve("tree_attention", model.get_output_embeddings().weight.device, backend,
                          model.get_output_embeddings().weight.dtype, levels=2)
-        hf.route_attention(model.config._attn_implementation)
+        routing.route_attention(model.config._attn_implementation)
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.max_rows = max_rows or DEFAULT_MAX_ROWS
         self.prefill_chunk, self.max_memory, self.use_prefix_cache = prefill_chunk, max_memory, prefix_cache

@@ -15,6 +15,26 @@ from .ops.topk import select_topk
 from .rows import Row
 
 
+def check_weights(weights, num_prompts: int, width: int) -> torch.Tensor:
+    """``step_score``'s output as float64 [B, width] log-weights; one clear error for a wrong type or shape, NaN or
+    +inf, or a prompt whose weights are all -inf (nothing could be kept)."""
+    if not isinstance(weights, torch.Tensor):
+        raise TypeError(f"step_score must return a torch.Tensor of log-weights, got {type(weights).__name__}")
+    if tuple(weights.shape) != (num_prompts, width):
+        raise ValueError(f"step_score must return log-weights of shape [B, width] = {(num_prompts, width)}, got "
+                         f"{tuple(weights.shape)}")
+    weights = weights.detach().double()
+    if torch.isnan(weights).any():
+        raise ValueError("step_score returned NaN log-weights")
+    if (weights == float("inf")).any():
+        raise ValueError("step_score returned +inf log-weights")
+    dead = torch.isneginf(weights).all(dim=1)
+    if dead.any():
+        raise ValueError(f"step_score gave every partial sample of prompt {int(dead.nonzero()[0])} log-weight -inf; "
+                         "give wrong steps a finite penalty (e.g. log(1e-3)) so the search can go on")
+    return weights
+
+
 def make_room(engine) -> bool:
     """A block for every row whose key starts one this step, oldest rows first; when the pool is full the newest
     rows (a pruning or forking request: all of its rows) are preempted: their samples start again later, from the
@@ -140,8 +160,6 @@ def prune(engine, request) -> None:
 def fork(engine, request) -> None:
     """A search checkpoint: the population is rebuilt from parents chosen by the request's fork hook; a child takes
     its parent's tokens, log-probs and KV (the full blocks shared, the partial one copied) and keeps its own seed."""
-    from .search import check_weights
-
     search, width = request.search, request.config.n
     members = list(range(width))
     weights = check_weights(search.step_score(engine.samples_so_far(request, members)), 1, width)

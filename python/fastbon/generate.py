@@ -93,7 +93,8 @@ def _call_stats(per_request: list, engine) -> dict:
              for name in ("prefill_tokens", "prefix_cache_hit_tokens", "tokens_generated", "preempted", "pruned",
                           "prefix_kv_bytes", "checkpoints")}
     # A step is a token drawn by every live row: the first from the prompt's logits, then one per forward.
-    stats.update(decode_steps=max(stats.get("decode_steps", 0) for stats in per_request), kv_bytes=engine.counters["peak_kv_bytes"],
+    stats.update(decode_steps=max(stats.get("decode_steps", 0) for stats in per_request),
+                 kv_bytes=engine.counters["peak_kv_bytes"],
                  compile_seconds=engine.decoder.stats.get("compile_seconds", 0.0))
     if any("generated_kv_bytes" in stats for stats in per_request):
         stats["generated_kv_bytes"] = [stats.get("generated_kv_bytes", []) for stats in per_request]

@@ -7,9 +7,6 @@ import inspect
 
 from . import capabilities
 
-# decode.py and engine.py reach these through this module until they import fastbon.routing themselves.
-from .routing import CACHE_KWARG, route_attention, skinny_linears  # noqa: F401
-
 
 def forward_parameters(model) -> set:
     """The keyword names the model's forward accepts."""

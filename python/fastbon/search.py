@@ -18,31 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from .config import SamplingConfig
+from .engine_policies import check_weights
 from .generate import GenerationResult, run_requests
 from .ops.topk import select_topk
 from .seeds import check_seed
 
 RESAMPLE = ("systematic", "multinomial")
-
-
-def check_weights(weights, num_prompts: int, width: int) -> torch.Tensor:
-    """``step_score``'s output as float64 [B, width] log-weights; one clear error for a wrong type or shape, NaN or
-    +inf, or a prompt whose weights are all -inf (nothing could be kept)."""
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"step_score must return a torch.Tensor of log-weights, got {type(weights).__name__}")
-    if tuple(weights.shape) != (num_prompts, width):
-        raise ValueError(f"step_score must return log-weights of shape [B, width] = {(num_prompts, width)}, got "
-                         f"{tuple(weights.shape)}")
-    weights = weights.detach().double()
-    if torch.isnan(weights).any():
-        raise ValueError("step_score returned NaN log-weights")
-    if (weights == float("inf")).any():
-        raise ValueError("step_score returned +inf log-weights")
-    dead = torch.isneginf(weights).all(dim=1)
-    if dead.any():
-        raise ValueError(f"step_score gave every partial sample of prompt {int(dead.nonzero()[0])} log-weight -inf; "
-                         "give wrong steps a finite penalty (e.g. log(1e-3)) so the search can go on")
-    return weights
 
 
 def resample_parents(weights: torch.Tensor, method: str, generator: torch.Generator) -> torch.Tensor:
