@@ -142,6 +142,17 @@ def test_completions_best_of_logprobs_stop_seed_and_auth(tmp_path):
         other = client.completions.create(**{**asked, "seed": 12, "n": 8, "temperature": 3.0})
         assert len({c.text for c in other.choices}) > 1, "eight samples at temperature 3 differ"
 
+        # Particle filtering (fastbon's extra field): resampled every 2 tokens; seeded, so repeatable.
+        filtered = dict(model=EMBEDDED, prompt="347+58=", n=2, best_of=4, max_tokens=6, temperature=1.5, seed=4,
+                        extra_body={"particle_filter": {"every": 2}})
+        searched = client.completions.create(**filtered)
+        assert len(searched.choices) == 2
+        assert [c.text for c in client.completions.create(**filtered).choices] == [c.text for c in searched.choices]
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=EMBEDDED, prompt="1+1=", n=2, stream=True,
+                                      extra_body={"particle_filter": {"every": 2}})
+        assert refused.value.body["param"] == "particle_filter", "a filter's samples change: not streamed"
+
         # A stop string: the text ends before it, whether EOS or the stop string ended the sample.
         greedy = client.completions.create(model=EMBEDDED, prompt="347+58=", max_tokens=6, temperature=0)
         text = greedy.choices[0].text

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", default="mean_logprob",
                         help="how best_of samples are ranked: mean_logprob | sum_logprob | a reward-model folder | "
                              "module:function (function(tokenizer) returns a score callable)")
+    parser.add_argument("--step-score", default=None, metavar="MODULE:FUNCTION",
+                        help="the particle filter's step score: function(tokenizer) returns Samples -> log-weights, "
+                             "e.g. fastbon.scoring.step_checker(...) (default: each partial sample's mean log-prob)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda where available)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on GPUs)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
@@ -61,13 +64,17 @@ def build(args):
     from .sampling import ServedModel
 
     check_score_option(args.score)
+    if args.step_score is not None and ":" not in args.step_score:
+        raise SystemExit(f"--step-score must be module:function, got {args.step_score!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = _load(args.model, device, args.dtype)
     score = build_score(args.score, tokenizer, device, model.dtype)
+    step_score = build_score(args.step_score, tokenizer, device, model.dtype) if args.step_score else None
     engine = Engine(model, tokenizer, max_rows=args.max_rows, max_memory=args.max_memory)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
     served = ServedModel(name=name, tokenizer=tokenizer, vocab_size=model.get_input_embeddings().num_embeddings,
-                         context_length=getattr(model.config, "max_position_embeddings", None), score=score)
+                         context_length=getattr(model.config, "max_position_embeddings", None), score=score,
+                         step_score=step_score)
     return engine, create_app(engine, served, api_key=args.api_key, max_requests=args.max_requests)
 
 

@@ -19,7 +19,15 @@ from . import errors, stream
 from .errors import APIError
 from .metrics import Metrics
 from .responses import Formatter
-from .sampling import ServedModel, chat_prompt, completion_prompts, engine_error, max_new_tokens, sampling_config
+from .sampling import (
+    ServedModel,
+    chat_prompt,
+    completion_prompts,
+    engine_error,
+    max_new_tokens,
+    sampling_config,
+    search_hooks,
+)
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
@@ -59,15 +67,16 @@ class Server:
         # Threads that block in request.result() for unstreamed answers: one per request in flight at most.
         self.waiters = ThreadPoolExecutor(max_workers=max_requests, thread_name_prefix="fastbon-serve-wait")
 
-    def submit(self, prompts: list, config) -> list:
-        """One engine request per prompt, or a 503 with Retry-After when the bound would be passed."""
+    def submit(self, prompts: list, config, hooks: list) -> list:
+        """One engine request per prompt (``hooks``: each one's fork hook or None), or a 503 with Retry-After when
+        the bound would be passed."""
         if self.in_flight + len(prompts) > self.max_requests:
             raise APIError(503, f"the server is full ({self.in_flight} requests in flight, at most "
                                 f"{self.max_requests}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
         handles = []
         try:
-            for ids in prompts:
-                handles.append(self.engine.submit(ids, config))
+            for ids, hook in zip(prompts, hooks, strict=True):
+                handles.append(self.engine.submit(ids, config, search=hook))
         except (TypeError, ValueError) as error:
             for handle in handles:
                 handle.cancel()
@@ -144,7 +153,7 @@ def create_app(engine, served: ServedModel, *, api_key: str | None = None, max_r
     async def generate(body, request: Request, prompts: list, chat: bool):
         start = time.perf_counter()
         config = sampling_config(body, max_new_tokens(body, prompts, served), served)
-        handles = server.submit(prompts, config)
+        handles = server.submit(prompts, config, search_hooks(body, len(prompts), served))
         prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage

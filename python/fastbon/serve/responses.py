@@ -55,8 +55,7 @@ def samples(result, tokenizer, stops: list[str]) -> list[Sample]:
     lengths = result.lengths[0].tolist()
     sequences, logprobs = result.sequences[0].tolist(), result.token_logprobs[0].tolist()
     reasons = result.finish_reasons[0].tolist()
-    top_ids = getattr(result, "top_logprob_ids", None)
-    top_values = getattr(result, "top_logprobs", None)
+    top_ids, top_values = result.top_logprob_ids, result.top_logprobs
     out = []
     for rank, length in enumerate(lengths):
         ids = sequences[rank][:length]

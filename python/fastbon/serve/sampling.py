@@ -24,6 +24,7 @@ class ServedModel:
     vocab_size: int
     context_length: int | None
     score: object = "mean_logprob"
+    step_score: object = None  # a particle filter's Samples -> log-weights; None: fastbon.scoring.mean_logprob_so_far
 
     @property
     def has_chat_template(self) -> bool:
@@ -60,6 +61,37 @@ def chat_prompt(body: ChatCompletionRequest, served: ServedModel) -> list[int]:
         raise bad_field("messages", f"the chat template refused them: {error}") from error
     # The template writes the special tokens itself (e.g. <bos>): tokenizing must not add them again.
     return served.tokenizer(rendered, add_special_tokens=False).input_ids
+
+
+def search_hooks(body, count: int, served: ServedModel) -> list:
+    """The engine's fork hook per prompt for ``particle_filter`` (None each without it): resampling at every
+    checkpoint by the step score, drawn from the request's seed (a fresh one without it)."""
+    if body.particle_filter is None:
+        return [None] * count
+    if body.stream:
+        raise bad_field("particle_filter", "samples are rebuilt from their parents at each checkpoint, so they "
+                                           "cannot be streamed; use stream false")
+    if body.prune is not None:
+        raise bad_field("particle_filter", "give prune or particle_filter, not both")
+    import torch
+
+    from fastbon.scoring import mean_logprob_so_far
+    from fastbon.search import ForkHook, resample_parents
+
+    options = body.particle_filter
+
+    def choose(weights, finished, generator):
+        return resample_parents(weights, options.resample, generator)
+
+    hooks = []
+    for prompt in range(count):
+        generator = torch.Generator()
+        if body.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed((body.seed * 1_000_003 + prompt) % 2**63)
+        hooks.append(ForkHook(options.every, served.step_score or mean_logprob_so_far, choose, generator))
+    return hooks
 
 
 def _check_fields(body, top_logprobs: int) -> None:

@@ -31,6 +31,14 @@ class PruneOptions(_Strict):
     min_keep: int = Field(1, ge=1)
 
 
+class ParticleFilterOptions(_Strict):
+    """fastbon's particle filtering (``fastbon.search``): every ``every`` tokens the samples are resampled in
+    proportion to exp(step score) (the server's ``--step-score``; by default each partial sample's mean log-prob)."""
+
+    every: int = Field(ge=1)
+    resample: Literal["systematic", "multinomial"] = "systematic"
+
+
 def _neutral(name: str, value, neutral) -> Any:
     if value not in neutral:
         raise ValueError(f"the engine does not implement {name}; only {neutral[0]!r} is accepted")
@@ -60,6 +68,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False
     score: Literal["mean_logprob", "sum_logprob"] | None = None  # None: the server's --score
     prune: PruneOptions | None = None
+    particle_filter: ParticleFilterOptions | None = None
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
