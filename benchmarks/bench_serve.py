@@ -7,8 +7,9 @@
 1. Load: ``clients`` concurrent clients each send ``requests`` streamed completions (n samples, ``max_tokens`` new
    tokens each, EOS ignored so both sides generate exactly the same tokens) to a ``fastbon serve`` subprocess; then
    the same requests go to an ``Engine`` in this process, ``clients`` asyncio tasks reading ``astream()`` (the
-   server's own structure, without HTTP). Reported: tokens/s, latency and time to first token (p50/p99), and the
-   server's throughput as a fraction of the engine's (the HTTP layer's cost).
+   server's own structure, without HTTP), alternated ``repeats`` times. Reported: tokens/s, latency and time to
+   first token (p50/p99), CPU seconds (the server process's; this process's for the engine), and the server's
+   throughput as a fraction of the engine's (the HTTP layer's cost).
 2. Overhead: one request at a time (n=1, one token): the median latency through HTTP less the engine's.
 3. Best-of-8 of one prompt of ``prompt_tokens`` tokens (a random-weight Llama with the context for it): one n=8
    request, against 8 n=1 requests sent together (how llama.cpp's server must run it) and one after another;
@@ -19,6 +20,7 @@ Writes benchmarks/out/serve.csv and serve.png.
 import argparse
 import asyncio
 import csv
+import os
 import signal
 import socket
 import statistics
@@ -77,10 +79,16 @@ class Server:
             self.process.kill()
 
 
-def _summary(side: str, records: list, wall: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc): what the server spent, whatever else runs."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _summary(side: str, records: list, wall: float, cpu: float) -> dict:
     latencies, firsts = [r["latency"] for r in records], [r["first"] for r in records]
     tokens = sum(r["tokens"] for r in records)
-    return dict(side=side, requests=len(records), tokens=tokens, wall_s=wall, tokens_per_s=tokens / wall,
+    return dict(side=side, requests=len(records), tokens=tokens, wall_s=wall, cpu_s=cpu, tokens_per_s=tokens / wall,
                 p50_latency_s=percentile(latencies, 0.5), p99_latency_s=percentile(latencies, 0.99),
                 p50_ttft_s=percentile(firsts, 0.5), p99_ttft_s=percentile(firsts, 0.99))
 
@@ -135,28 +143,36 @@ async def engine_load(engine: Engine, prompts: list, configs: list, clients: int
 
 
 def load(args, model, tokenizer) -> list:
+    """The same requests through the server and on the engine, alternated ``repeats`` times (a shared machine's
+    other load drifts); one row per run."""
     texts = [question for question, _ in arithmetic.make_problems(args.clients * args.requests, seed=7)]
     fields = dict(n=args.n, max_tokens=args.max_tokens, temperature=1.0, ignore_eos=True)
     bodies = [dict(model=MODEL, prompt=text, seed=index, stream=True, stream_options={"include_usage": True},
                    **fields) for index, text in enumerate(texts)]
-    server = Server()
-    try:
-        records, wall = asyncio.run(http_load(server.url, bodies, args.clients))
-        finished = server.metrics()["fastbon_requests_finished_total"]
-    finally:
-        server.close()
-    assert all(record is not None for record in records) and finished == len(bodies), "each answered once"
-    rows = [_summary("server", records, wall)]
-    engine = Engine(model, tokenizer)
-    try:
-        configs = [SamplingConfig(n=args.n, k=args.n, max_new_tokens=args.max_tokens, eos_token_id=[], seed=index)
-                   for index in range(len(texts))]
-        prompts = [tokenizer(text).input_ids for text in texts]
-        records, wall = asyncio.run(engine_load(engine, prompts, configs, args.clients))
-    finally:
-        engine.close()
-    rows.append(_summary("engine", records, wall))
-    assert rows[0]["tokens"] == rows[1]["tokens"], "both sides generated the same tokens"
+    configs = [SamplingConfig(n=args.n, k=args.n, max_new_tokens=args.max_tokens, eos_token_id=[], seed=index)
+               for index in range(len(texts))]
+    prompts = [tokenizer(text).input_ids for text in texts]
+    rows = []
+    for _ in range(args.repeats):
+        server = Server()
+        try:
+            cpu = cpu_seconds(server.process.pid)
+            records, wall = asyncio.run(http_load(server.url, bodies, args.clients))
+            cpu = cpu_seconds(server.process.pid) - cpu
+            finished = server.metrics()["fastbon_requests_finished_total"]
+        finally:
+            server.close()
+        assert all(record is not None for record in records) and finished == len(bodies), "each answered once"
+        rows.append(_summary("server", records, wall, cpu))
+        engine = Engine(model, tokenizer)
+        try:
+            cpu = time.process_time()
+            records, wall = asyncio.run(engine_load(engine, prompts, configs, args.clients))
+            cpu = time.process_time() - cpu
+        finally:
+            engine.close()
+        rows.append(_summary("engine", records, wall, cpu))
+        assert rows[-2]["tokens"] == rows[-1]["tokens"], "both sides generated the same tokens"
     return rows
 
 
@@ -248,12 +264,13 @@ def _plot(rows: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(9, 3.2))
-    throughput.bar([r["side"] for r in rows], [r["tokens_per_s"] for r in rows], color=["tab:blue", "tab:grey"])
+    labels = [f"{row['side']} {position // 2 + 1}" for position, row in enumerate(rows)]  # runs alternate
+    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(10, 3.4))
+    throughput.bar(labels, [r["tokens_per_s"] for r in rows], color=["tab:blue", "tab:grey"] * (len(rows) // 2))
     throughput.set_ylabel("tokens/s")
     for offset, key in enumerate(["p50_latency_s", "p99_latency_s", "p50_ttft_s", "p99_ttft_s"]):
         latency.bar([i * 5 + offset for i in range(len(rows))], [r[key] for r in rows], label=key)
-    latency.set_xticks([i * 5 + 1.5 for i in range(len(rows))], [r["side"] for r in rows])
+    latency.set_xticks([i * 5 + 1.5 for i in range(len(rows))], labels)
     latency.set_ylabel("seconds")
     latency.legend(fontsize=7)
     figure.suptitle("fastbon serve vs the in-process engine, the same load")
@@ -265,7 +282,12 @@ def _plot(rows: list, path: Path) -> None:
 def run(args) -> dict:
     model, tokenizer = load_default_model()
     rows = load(args, model, tokenizer)
-    result = dict(load=rows, ratio=rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"],
+
+    def median(side, key):
+        return statistics.median(row[key] for row in rows if row["side"] == side)
+
+    result = dict(load=rows, ratio=median("server", "tokens_per_s") / median("engine", "tokens_per_s"),
+                  cpu_ratio=median("server", "cpu_s") / median("engine", "cpu_s"),
                   overhead=overhead(args, model, tokenizer), best_of=best_of(args))
     OUT.mkdir(exist_ok=True)
     with open(OUT / "serve.csv", "w", newline="") as handle:
@@ -282,8 +304,8 @@ def report(result: dict, args) -> None:
     for row in result["load"]:
         print(f"  {row['side']:<7} {row['tokens_per_s']:8.1f} tokens/s  latency p50 {row['p50_latency_s']:.3f} "
               f"p99 {row['p99_latency_s']:.3f} s  TTFT p50 {row['p50_ttft_s']:.3f} p99 {row['p99_ttft_s']:.3f} s  "
-              f"({row['requests']} requests, {row['tokens']} tokens, {row['wall_s']:.1f} s)")
-    print(f"  server / engine throughput: {result['ratio']:.3f}")
+              f"({row['requests']} requests, {row['tokens']} tokens, {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s)")
+    print(f"  server / engine throughput (medians): {result['ratio']:.3f}; CPU seconds: {result['cpu_ratio']:.3f}")
     overhead_row = result["overhead"]
     print(f"one request at a time (n=1, 1 token): HTTP {overhead_row['http_ms']:.2f} ms, engine "
           f"{overhead_row['engine_ms']:.2f} ms, overhead {overhead_row['overhead_ms']:.2f} ms")
@@ -301,12 +323,13 @@ def options(argv=None):
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--overhead-requests", type=int, default=40)
     parser.add_argument("--prompt-tokens", type=int, default=1100, help="the best-of-8 prompt")
+    parser.add_argument("--repeats", type=int, default=2, help="load runs per side, alternated")
     return parser.parse_args(argv)
 
 
 def test_bench_serve_smoke():
     args = options(["--clients", "3", "--requests", "2", "--n", "2", "--max-tokens", "2", "--overhead-requests", "2",
-                    "--prompt-tokens", "40"])
+                    "--prompt-tokens", "40", "--repeats", "1"])
     result = run(args)
     report(result, args)
     assert [row["requests"] for row in result["load"]] == [6, 6]
