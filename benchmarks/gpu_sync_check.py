@@ -1,11 +1,12 @@
-"""The decode steps between two host sync points make no host-device synchronisation: they run under
-``torch.cuda.set_sync_debug_mode("error")``, which raises at the first call that would synchronise (a ``.item()``,
-a ``bool()`` of a device tensor, a blocking copy, ``nonzero``).
+"""A decode step makes no host-device synchronisation: the engine's forward over its rows and the fused sampler run
+under ``torch.cuda.set_sync_debug_mode("error")``, which raises at the first call that would synchronise (a
+``.item()``, a ``bool()`` of a device tensor, a blocking copy, ``nonzero``).
 
-The decode loop reads the device only every ``SYNC_EVERY`` steps (fastbon.decode); this runs one full call to
-warm up (kernel compilation, allocator), then a fresh decode's first two steps (the first forward checks the
-attention layers), then the steps up to the next sync point under the error mode. Run by benchmarks/gpu_check.sh;
-``--device cpu`` runs the same code path (where the mode has no effect) as a smoke test.
+The engine reads each step's tokens on the host after the step (rows retire at once); the step itself, the part
+that runs on the device, must not wait for the host. This runs one request to warm up (kernel compilation,
+allocator), then drives a fresh engine to its decode rows and runs one step's forward and sampling under the error
+mode. Run by benchmarks/gpu_check.sh; ``--device cpu`` runs the same code path (where the mode has no effect) as a
+smoke test.
 """
 
 import argparse
@@ -14,9 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastbon
-from fastbon import decode
-from fastbon.ops.sampling import sampling_params
-from fastbon.prefill import prefill
+from fastbon.engine import Engine
+from fastbon.rows import step_inputs
 
 
 def main():
@@ -31,32 +31,31 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     prompts = [torch.randint(0, config.vocab_size, (length,)) for length in (37, 100)]
-    steps = decode.SYNC_EVERY
+    sampling = fastbon.SamplingConfig(n=args.n, max_new_tokens=16, top_p=0.95, eos_token_id=[], seed=0)
     with torch.no_grad():
-        fastbon.generate(model, prompts, n=args.n, max_new_tokens=steps, seed=0)  # warm-up
-        settings = decode.DecodeSettings(n=args.n, max_new_tokens=steps, eos_ids=[], pad_token_id=0, backend=None,
-                                         prune=None, logprobs="raw", stops=None, repetition_penalty=1.0)
-        num_samples = len(prompts) * args.n
-        params = sampling_params(num_samples, device, temperature=1.0, top_k=0, top_p=0.95, min_p=0.0,
-                                 seed=torch.arange(num_samples))
-        stats = {}
-        prefilled = prefill(model, prompts, 0, device, stats)
-        device_prompts = [prompt.to(device) for prompt in prompts]
-        run = decode._Run(model, prefilled, device_prompts, torch.arange(num_samples, device=device), params,
-                          settings, stats)
-        run.step()
-        run.step()
+        fastbon.generate(model, prompts, n=args.n, max_new_tokens=8, seed=0)  # warm-up
+        engine = Engine(model, background=False)
+        for prompt in prompts:
+            engine.submit(prompt, sampling)
+        while len(engine.rows) < len(prompts) * args.n:
+            engine.step()
+        engine.step()  # a first decode step: it checks the attention routing
+        rows = list(engine.rows)
+        padded = -(-len(rows) // engine.row_multiple) * engine.row_multiple
+        engine.cache.set_rows([row.path() for row in rows], [row.blocks[-1] for row in rows],
+                              [row.write_offset() for row in rows], padded)
+        inputs = step_inputs(rows, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         try:
-            for _ in range(steps - 2):
-                run.step()
+            logits = engine.decoder.forward(engine.cache, inputs, padded)
+            engine.decoder.sample_rows(logits, inputs)
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode(0)
-    print(f"ok: {steps - 2} decode steps of {num_samples} rows on {device} without a host sync "
-          f"(backends: {fastbon.backends()})")
+        engine.close()
+    print(f"ok: a decode step of {len(rows)} rows on {device} without a host sync (backends: {fastbon.backends()})")
 
 
 if __name__ == "__main__":

@@ -54,24 +54,3 @@ def test_budget_sizes(value, expected):
 def test_bad_budgets_are_refused(value):
     with pytest.raises(ValueError, match="max_memory"):
         fastbon.generate(tiny_model("llama"), _prompts(), n=2, max_new_tokens=2, max_memory=value)
-
-
-def test_a_finished_cache_is_freed_without_the_cycle_collector():
-    """Waves rely on it: a wave's cache (and its suffix buffers) must be freed when its run is dropped, before the
-    next wave allocates, not whenever Python's cycle collector next runs."""
-    import gc
-    import weakref
-
-    from fastbon.cache import PrefixLevel, SharedPrefixCache
-
-    keys = torch.zeros((1, 2, 5, 8))
-    level = PrefixLevel([keys, keys], [keys, keys], torch.tensor([5], dtype=torch.int32), torch.zeros(1).long())
-    cache = SharedPrefixCache([level], torch.zeros(4, dtype=torch.int64), max_new_tokens=16)
-    cache.fork(torch.tensor([0, 0, 1, 3]))
-    alive = weakref.ref(cache)
-    gc.disable()
-    try:
-        del cache
-        assert alive() is None, "the cache is held by a reference cycle"
-    finally:
-        gc.enable()

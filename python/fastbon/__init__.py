@@ -11,7 +11,8 @@ from importlib import import_module
 __version__ = "0.1.0"
 # Each public name and the module that defines it.
 _EXPORTS = {"FINISH_REASONS": "generate", "GenerationResult": "generate", "Pruning": "scoring", "Samples": "scoring",
-            "SamplingConfig": "config", "SharedPrefixCache": "cache", "backends": "dispatch"}
+            "SamplingConfig": "config", "Engine": "engine", "Request": "request", "StreamEvent": "request",
+            "Cancelled": "request", "backends": "dispatch"}
 __all__ = sorted([*_EXPORTS, "generate", "ops"])
 
 

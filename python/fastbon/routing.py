@@ -3,7 +3,7 @@
 The unmodified HF model runs every forward and nothing about the model changes, ever: attention is routed per
 forward. The first decode of a model wraps the attention implementation it runs ("sdpa", "eager",
 "flash_attention_2", ...) once, process-wide, in a router that runs fastbon's shared-prefix decode attention when
-the forward was given a ``SharedPrefixCache`` as ``shared_prefix_cache=`` (only fastbon's decode steps pass one)
+the forward was given the engine's ``PagedCache`` as ``shared_prefix_cache=`` (only fastbon's decode steps pass one)
 and the wrapped function otherwise. So fastbon's calls and HF's own on one model, from any number of threads, never
 see each other, and importing fastbon changes nothing in transformers. The model's linear layers are routed the
 same way, per forward and per thread (``SkinnyLinears``).
@@ -32,7 +32,7 @@ def shared_prefix_attention_forward(module, query, key, value, attention_mask, s
     """AttentionInterface function for decode steps: query [N, Hq, 1, D] -> ([N, 1, Hq, D], None).
 
     ``key``/``value`` are the suffix buffers the cache returned; the shared levels and the lengths come from the
-    ``SharedPrefixCache`` passed down the forward as the keyword ``shared_prefix_cache``. The layer's sliding
+    ``fastbon.kv_blocks.PagedCache`` passed down the forward as the keyword ``shared_prefix_cache``. The layer's sliding
     window comes from the model's config (``capabilities.layer_window``: the mask transformers would build, which
     ``attention_mask`` stands for and fastbon does not build), the soft-cap and sinks from the keywords the model
     passes (``softcap=``, ``s_aux=``) or its module's ``sinks``; decoding runs without dropout, as under eval().
@@ -62,7 +62,7 @@ def _layer_features(module, layer, query, softcap, sinks):
     """(window, softcap, sinks) of one cache layer in the op's form; a window no query of the cache can reach
     (the prefix and suffix buffers hold fewer keys) is dropped, so it costs nothing."""
     window = capabilities.layer_window(module)
-    # The suffix buffers grow (SharedPrefixCache.reserve): the most keys a query can see is prefix + max_new_tokens.
+    # The most keys a query can see is what the model's positions allow (``PagedCache.max_length``).
     if window is not None and window >= layer.get_max_length():
         window = None
     if sinks is None:

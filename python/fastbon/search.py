@@ -1,15 +1,16 @@
-"""Search over partial samples: particle filtering and beam search, guided by a step score, on forking KV.
+"""Search over partial samples: particle filtering and beam search, guided by a step score, on the engine.
 
-Both decode a population of rows per prompt in lockstep and stop at checkpoints (every ``every`` tokens) to score
-each partial sample with ``step_score(Samples) -> [B, width]`` log-weights. Then the population is rebuilt from its
-best members: particle filtering (sequential Monte Carlo) resamples n particles from the weights, beam search keeps
-the best ``beams`` and expands each into ``expand`` children. A child continues its parent: the parent's tokens so
-far and its KV, which the children read as one more shared level of the cache (``SharedPrefixCache.fork``): no KV
-is copied or recomputed, and the KV bytes grow only by what is generated after the fork. Each row keeps its own
-sampling seed, so children of one parent diverge; with the same ``seed`` a search gives the same result.
+Each prompt is one engine request whose fork hook (``ForkHook``) runs at checkpoints (every ``every`` of its own
+tokens): its partial samples are scored with ``step_score(Samples) -> [1, width]`` log-weights and the population is
+rebuilt from its best members: particle filtering (sequential Monte Carlo) resamples n particles from the weights,
+beam search keeps the best ``beams`` and expands each into ``expand`` children. A child continues its parent: the
+parent's tokens so far and its KV, whose full blocks the children share (read once per step for all of them) and
+whose partial last block each child copies (``fastbon.engine_policies.fork``). Each row keeps its own sampling
+seed, so children of one parent diverge; with the same ``seed`` a search gives the same result, whatever else the
+engine runs.
 
-Rows that finished (EOS) stay in the population, masked, until every row has: a finished particle can be resampled
-(its children are finished too), a finished beam keeps its place while it is among the best.
+Rows that finished (EOS) stay in the population until every row has: a finished particle can be resampled (its
+children are finished too), a finished beam keeps its place while it is among the best.
 """
 
 from collections.abc import Callable
