@@ -91,7 +91,7 @@ def _call_stats(per_request: list, engine) -> dict:
     """The call's stats: the requests' counts summed, the engine's steps and its KV peak."""
     stats = {name: sum(stats.get(name, 0) for stats in per_request)
              for name in ("prefill_tokens", "prefix_cache_hit_tokens", "tokens_generated", "preempted", "pruned",
-                          "prefix_kv_bytes", "checkpoints")}
+                          "prefix_kv_bytes", "checkpoints", "prefill_seconds")}
     # A step is a token drawn by every live row: the first from the prompt's logits, then one per forward.
     stats.update(decode_steps=max(stats.get("decode_steps", 0) for stats in per_request),
                  kv_bytes=engine.counters["peak_kv_bytes"],

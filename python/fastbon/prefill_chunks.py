@@ -6,6 +6,8 @@ bits, as when the prompt runs alone on an idle engine. The prefill cache holds e
 whatever the model's windows): the decode attention applies the windows itself.
 """
 
+import time
+
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -39,6 +41,7 @@ def forward_chunk(engine, request):
     cache = request.prefill_cache if request.prefill_cache is not None else _seeded_cache(engine, request)
     extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
     ids = request.prompt[start:end].to(device)[None]
+    began = time.perf_counter()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones((1, end), dtype=torch.int64, device=device),
                     position_ids=torch.arange(start, end, device=device)[None], use_cache=True,
@@ -53,6 +56,7 @@ def forward_chunk(engine, request):
     engine.pool.write_prompt(request.prompt_blocks, [layer.keys[0, :, start:end] for layer in cache.layers],
                              [layer.values[0, :, start:end] for layer in cache.layers], start)
     request.prefilled = end
+    request.stats["prefill_seconds"] = request.stats.get("prefill_seconds", 0.0) + time.perf_counter() - began
     request.prefill_cache = cache
     request.stats["prefill_tokens"] += end - start
     engine.counters["prefill_tokens"] += end - start

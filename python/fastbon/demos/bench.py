@@ -134,7 +134,7 @@ def run_cell(model, prompt_len, n, new_tokens, *, top_p=0.95, run_hf=True, seed=
     result, fastbon_s, fastbon_peak = _timed(call, device)
     generated = n * new_tokens
     assert result.lengths.min().item() == new_tokens, "EOS must not end a benchmark sample early"
-    fastbon_kv = result.stats["prefix_kv_bytes"] + result.stats["suffix_kv_bytes"]
+    fastbon_kv = result.stats["kv_bytes"]  # the KV pool at its peak: prompts and generated tokens
     step_bytes = step_bytes_model(model, prompt_len, n, new_tokens)
     row = dict(device=str(device), P=prompt_len, n=n, new_tokens=new_tokens, fastbon_s=fastbon_s,
                fastbon_tokens_per_s=generated / fastbon_s, fastbon_peak_mb=fastbon_peak / 2**20,
