@@ -1,0 +1,146 @@
+"""Continuous batching against lockstep, in one run, on samples that end at EOS.
+
+    python benchmarks/bench_engine.py                # 64 prompts of 64-1024 tokens, n = 8, EOS at ~1/256 per step
+    python benchmarks/bench_engine.py --prompts 16   # a shorter run
+    pytest benchmarks/bench_engine.py                # a seconds-long smoke run (CI)
+
+The benchmark Llama (random weights) with a set of EOS ids it draws at about 1/256 per step (max_new_tokens 2048),
+so sample lengths are roughly geometric with a long tail. Both sides get the same requests, seeds and settings:
+  lockstep   ``fastbon.generate`` over groups of 8 prompts, one call after the other: a call's rows start together,
+             finished rows leave, nothing joins, and the call lasts as long as its longest sample;
+  engine     one ``fastbon.Engine`` with max_rows = the lockstep call's rows (8 x n): every request submitted at the
+             start, rows join as others finish, prompts prefilled in chunks between decode steps.
+Reported: generated tokens/s of each side and their ratio; the engine's mean rows active while requests wait, as a
+share of max_rows; and a request submitted while the engine decodes: the decode steps until its first token beyond
+its own prefill chunks. The samples are checked equal on both sides (the same bits whatever the load). Writes
+benchmarks/out/engine.csv and engine.png.
+"""
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import torch
+
+import fastbon
+from fastbon.demos.bench import llama_model
+from fastbon.engine import Engine
+
+SHAPE = dict(hidden=512, layers=8, heads=8, kv_heads=4, vocab=32000, intermediate=1376)
+TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=512, intermediate=128)
+OUT = Path(__file__).parent / "out"
+
+
+def workload(prompts: int, shortest: int, longest: int, seed: int = 0) -> list:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shortest, longest + 1, (prompts,), generator=generator).tolist()
+    return [torch.randint(3, 500, (length,), generator=generator) for length in lengths]
+
+
+def run_lockstep(model, prompts, config, group):
+    start = time.perf_counter()
+    results = []
+    for first in range(0, len(prompts), group):
+        batch = prompts[first:first + group]
+        result = fastbon.generate(model, batch, n=config.n, k=config.k, max_new_tokens=config.max_new_tokens,
+                                  eos_token_id=list(config.eos_token_id), return_all=True,
+                                  seed=[config.seed + first + index for index in range(len(batch))])
+        results.extend(result.all_sequences[index] for index in range(len(batch)))
+    return results, time.perf_counter() - start
+
+
+def run_engine(model, prompts, config, max_rows):
+    """All prompts at once on one engine driven from here, recording rows active while requests wait; then one
+    more request submitted mid-decode, counting the decode steps to its first token."""
+    engine = Engine(model, max_rows=max_rows, background=False)
+    start = time.perf_counter()
+    requests = [engine.submit(prompt, config.replace(seed=config.seed + index)) for index, prompt in enumerate(prompts)]
+    occupancy = []
+    late, late_steps, chunks = None, None, None
+    while not all(request.done() for request in requests):
+        engine.step()
+        stats = engine.stats
+        if stats["requests_waiting"] and stats["rows_active"]:
+            occupancy.append(stats["rows_active"] / max_rows)
+        if late is None and len(occupancy) == 20:  # decoding at full width: a request arrives
+            late = engine.submit(prompts[0], config.replace(seed=10**6, n=1, k=1))
+            late_steps, chunks = 0, -(-prompts[0].numel() // engine.prefill_chunk)
+        elif late is not None and not late.samples[0].tokens:
+            late_steps += 1
+    seconds = time.perf_counter() - start
+    while late is not None and not late.done():
+        engine.step()
+    results = [request.result().all_sequences[0] for request in requests]
+    # The late request's steps include the prefill chunks of the requests ahead of it in the queue.
+    return results, seconds, sum(occupancy) / max(1, len(occupancy)), late_steps, chunks
+
+
+def generated_tokens(results, pad) -> int:
+    return sum(int((sequences != pad).sum()) for sequences in results)
+
+
+def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8):
+    model = llama_model(**shape)
+    eos = list(range(1, 1 + max(1, round(eos_rate * model.config.vocab_size))))
+    prompts = workload(prompts_count, shortest, longest)
+    config = fastbon.SamplingConfig(n=n, k=1, max_new_tokens=max_new_tokens, eos_token_id=eos, seed=0,
+                                    return_all=True)
+    with torch.no_grad():
+        fastbon.generate(model, prompts[:1], n=2, max_new_tokens=4, eos_token_id=eos)  # warm-up
+        engine_results, engine_s, occupancy, late_steps, chunks = run_engine(model, prompts, config, group * n)
+        lockstep_results, lockstep_s = run_lockstep(model, prompts, config, group)
+    pad = model.generation_config.pad_token_id or 0
+    same = all(torch.equal(a[:, :b.shape[1]], b) if a.shape[1] >= b.shape[1] else torch.equal(a, b[:, :a.shape[1]])
+               for a, b in zip(engine_results, lockstep_results, strict=True))
+    tokens = generated_tokens(engine_results, pad)
+    row = dict(prompts=prompts_count, n=n, max_new_tokens=max_new_tokens, generated_tokens=tokens,
+               lockstep_s=round(lockstep_s, 2), engine_s=round(engine_s, 2),
+               lockstep_tokens_per_s=round(tokens / lockstep_s, 1), engine_tokens_per_s=round(tokens / engine_s, 1),
+               speedup=round(lockstep_s / engine_s, 2), rows_active_share=round(occupancy, 3),
+               late_first_token_steps=late_steps, late_prefill_chunks=chunks, same_samples=same,
+               longest_sample=max(int((s != pad).sum(-1).max()) for s in engine_results))
+    return row
+
+
+def write(row: dict) -> None:
+    OUT.mkdir(exist_ok=True)
+    with open(OUT / "engine.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.bar(["lockstep", "engine"], [row["lockstep_tokens_per_s"], row["engine_tokens_per_s"]])
+    axis.set_ylabel("generated tokens / s")
+    axis.set_title(f"{row['prompts']} prompts x n={row['n']}, EOS ~1/256 per step: {row['speedup']}x")
+    figure.tight_layout()
+    figure.savefig(OUT / "engine.png", dpi=120)
+
+
+def test_engine_smoke():
+    """CI: the whole path on a tiny model (not timed)."""
+    row = bench(6, 8, 300, 3, 40, TINY, 1 / 16, group=2)
+    assert row["same_samples"], "a request's samples equal its lockstep samples"
+    assert row["generated_tokens"] > 0
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--eos-rate", type=float, default=1 / 256)
+    args = parser.parse_args()
+    row = bench(args.prompts, 64, 1024, args.n, args.max_new_tokens, SHAPE, args.eos_rate)
+    write(row)
+    for name, value in row.items():
+        print(f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()
