@@ -1,4 +1,4 @@
-"""Packaging: python/fastbon is the package (its Triton kernels in python/fastbon/kernels), csrc/ builds fastbon._C.
+"""Packaging: python/fastbon is the package, kernels/ its Triton kernels (as fastbon.kernels), csrc/ builds fastbon._C.
 
 The extension builds with torch's cpp_extension against the torch already installed, so install with
 ``pip install --no-build-isolation -e ".[test]"`` (or ``pip install --no-build-isolation .``).
@@ -21,6 +21,7 @@ import shutil
 import warnings
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 OPT_OUT = "set FASTBON_NO_EXTENSION=1 to install fastbon as pure Python (torch and triton backends only)"
 
@@ -83,16 +84,30 @@ def _extension_build():
     return [extension], {"build_ext": StrictBuildExtension}
 
 
+class BuildPyWithKernels(build_py):
+    """build_py that adds the top-level kernels/*.py to the package fastbon.kernels (why: the comment at setup())."""
+
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        if package == "fastbon.kernels":
+            modules += [(package, os.path.basename(path)[:-3], path) for path in sorted(glob.glob("kernels/*.py"))]
+        return modules
+
+
 ext_modules, cmdclass = _extension_build()
 
 setup(
     packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations", "fastbon.jobs",
               "fastbon.demos"],
-    # The Triton kernels live in python/fastbon/kernels, not in a top-level kernels/ mapped here: a top-level package
-    # of that name shadows PyPI's kernels (transformers imports it) for Python started in the repository root, and
-    # as a namespace folder instead, setuptools' editable finder cannot import it as fastbon.kernels.
+    # fastbon.kernels: the Triton kernel files live in the top-level kernels/ folder, which has no __init__.py so that
+    # it never shadows PyPI's kernels (transformers probes it) for Python started in the repository root: an
+    # installed regular package outranks a namespace folder. It is not mapped through package_dir: setuptools'
+    # editable finder maps a package to a folder only through its __init__.py, and fails to import fastbon.kernels
+    # from a folder without one. Instead python/fastbon/kernels/__init__.py is a small regular package whose
+    # __path__ also lists the top-level folder in a source checkout (editable installs), and BuildPyWithKernels
+    # copies kernels/*.py beside it in wheels (and lists them for sdists). No sys.modules swap. See docs/backends.md.
     package_dir={"fastbon": "python/fastbon"},
     package_data={"fastbon.models": ["*/*.json", "*/*.safetensors", "*/*.txt"]},
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"build_py": BuildPyWithKernels, **cmdclass},
 )
