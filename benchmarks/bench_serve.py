@@ -177,32 +177,27 @@ def load(args, model, tokenizer) -> list:
 
 
 def overhead(args, model, tokenizer) -> dict:
-    """Median latency of one small request at a time: through HTTP, and submitted to the engine."""
+    """Median latency of one small request at a time through HTTP and submitted to the engine, interleaved (the
+    idle side waits on a condition: it takes no CPU from the other), so drifting load touches both alike."""
     body = dict(model=MODEL, prompt="12+34=", max_tokens=1, temperature=0)
-    server = Server()
+    config, prompt = SamplingConfig(n=1, max_new_tokens=1, temperature=0.0), tokenizer("12+34=").input_ids
+    server, engine = Server(), Engine(model, tokenizer)
+    http, direct = [], []
     try:
         with httpx.Client(timeout=60) as client:
-            client.post(f"{server.url}/v1/completions", json=body).raise_for_status()  # warm
-            http = []
-            for _ in range(args.overhead_requests):
+            for repeat in range(args.overhead_requests + 1):  # the first of each: a warm-up, not counted
                 start = time.perf_counter()
                 client.post(f"{server.url}/v1/completions", json=body).raise_for_status()
-                http.append(time.perf_counter() - start)
+                middle = time.perf_counter()
+                engine.submit(prompt, config).result()
+                if repeat:
+                    http.append(middle - start)
+                    direct.append(time.perf_counter() - middle)
     finally:
         server.close()
-    engine = Engine(model, tokenizer)
-    try:
-        config, prompt = SamplingConfig(n=1, max_new_tokens=1, temperature=0.0), tokenizer("12+34=").input_ids
-        engine.submit(prompt, config).result()
-        direct = []
-        for _ in range(args.overhead_requests):
-            start = time.perf_counter()
-            engine.submit(prompt, config).result()
-            direct.append(time.perf_counter() - start)
-    finally:
         engine.close()
     return dict(http_ms=statistics.median(http) * 1e3, engine_ms=statistics.median(direct) * 1e3,
-                overhead_ms=(statistics.median(http) - statistics.median(direct)) * 1e3)
+                overhead_ms=statistics.median(h - d for h, d in zip(http, direct, strict=True)) * 1e3)
 
 
 def _long_model(folder: Path, context: int) -> None:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 
 from . import errors, stream
 from .errors import APIError
@@ -58,6 +59,38 @@ class _Recorder:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
+class Submission:
+    """One HTTP request's engine requests, counted against the server's bound until released (once)."""
+
+    def __init__(self, server: "Server", handles: list):
+        self.server, self.handles, self.released = server, handles, False
+
+    def release(self) -> None:
+        """Cancel what is still running (a gone client, a failed sibling, shutdown) and free the slots."""
+        if self.released:
+            return
+        self.released = True
+        for handle in self.handles:
+            if not handle.done():
+                handle.cancel()
+        self.server.in_flight -= len(self.handles)
+
+    async def results(self, request: Request) -> list | None:
+        """Each engine request's result, or None when the client disconnects first (they are then cancelled)."""
+        gathered = asyncio.ensure_future(stream.results(self.handles, self.server.waiters))
+        disconnected = asyncio.ensure_future(stream.disconnected(request))
+        try:
+            await asyncio.wait({gathered, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            return gathered.result() if gathered.done() else None
+        finally:
+            disconnected.cancel()
+            self.release()  # wakes the waiting threads of cancelled requests
+            if not gathered.done():
+                gathered.cancel()
+                # the cancelled requests' Cancelled errors are expected: retrieved so asyncio does not report them
+                gathered.add_done_callback(lambda future: future.cancelled() or future.exception())
+
+
 class Server:
     """What the routes share: the engine, the served model, the bound on engine requests in flight."""
 
@@ -67,7 +100,7 @@ class Server:
         # Threads that block in request.result() for unstreamed answers: one per request in flight at most.
         self.waiters = ThreadPoolExecutor(max_workers=max_requests, thread_name_prefix="fastbon-serve-wait")
 
-    def submit(self, prompts: list, config, hooks: list) -> list:
+    def submit(self, prompts: list, config, hooks: list) -> Submission:
         """One engine request per prompt (``hooks``: each one's fork hook or None), or a 503 with Retry-After when
         the bound would be passed."""
         if self.in_flight + len(prompts) > self.max_requests:
@@ -82,29 +115,7 @@ class Server:
                 handle.cancel()
             raise engine_error(error) from error
         self.in_flight += len(handles)
-        return handles
-
-    def release(self, handles: list) -> None:
-        """Cancel what is still running (a gone client, a failed sibling, shutdown) and free the slots."""
-        for handle in handles:
-            if not handle.done():
-                handle.cancel()
-        self.in_flight -= len(handles)
-
-    async def results(self, handles: list, request: Request) -> list | None:
-        """Each handle's result, or None when the client disconnects first (its requests are then cancelled)."""
-        gathered = asyncio.ensure_future(stream.results(handles, self.waiters))
-        disconnected = asyncio.ensure_future(stream.disconnected(request))
-        try:
-            await asyncio.wait({gathered, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-            return gathered.result() if gathered.done() else None
-        finally:
-            disconnected.cancel()
-            self.release(handles)  # wakes the waiting threads of cancelled requests
-            if not gathered.done():
-                gathered.cancel()
-                # the cancelled requests' Cancelled errors are expected: retrieved so asyncio does not report them
-                gathered.add_done_callback(lambda future: future.cancelled() or future.exception())
+        return Submission(self, handles)
 
 
 def _authorize(api_key: str | None):
@@ -153,15 +164,17 @@ def create_app(engine, served: ServedModel, *, api_key: str | None = None, max_r
     async def generate(body, request: Request, prompts: list, chat: bool):
         start = time.perf_counter()
         config = sampling_config(body, max_new_tokens(body, prompts, served), served)
-        handles = server.submit(prompts, config, search_hooks(body, len(prompts), served))
+        submission = server.submit(prompts, config, search_hooks(body, len(prompts), served))
         prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             chunks = Formatter(served, body, chat, include_usage, prompt_tokens)
-            events = stream.sse(server, handles, chunks, metrics.first_token.labels(request.url.path), start)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        results = await server.results(handles, request)
+            events = stream.sse(submission, chunks, metrics.first_token.labels(request.url.path), start)
+            # The release also runs after the response: a client gone before the first chunk leaves the generator
+            # unstarted, so its own cleanup never runs.
+            return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(
+                submission.release), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results = await submission.results(request)
         if results is None:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         metrics.first_token.labels(request.url.path).observe(time.perf_counter() - start)

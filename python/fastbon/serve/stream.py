@@ -68,13 +68,13 @@ def _data(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-async def sse(server, handles: list, formatter, first_token, start: float):
+async def sse(submission, formatter, first_token, start: float):
     """The answer as server-sent events: chunks tagged with their choice, a usage chunk where asked, ``[DONE]``.
     A failure mid-stream is sent as an OpenAI error event (the status line has gone already). Leaving early (the
     client disconnected, shutdown) cancels the engine requests that are still running."""
     texts, completion_tokens, timed = {}, 0, False
     try:
-        async for prompt, event in _events(handles):
+        async for prompt, event in _events(submission.handles):
             index = prompt * formatter.n + event.sample
             fresh = index not in texts
             text = texts.setdefault(index, StreamText(formatter.tokenizer, formatter.stops))
@@ -94,4 +94,4 @@ async def sse(server, handles: list, formatter, first_token, start: float):
         yield _data({"error": {"message": failure.message, "type": "server_error", "param": None,
                                "code": failure.code}})
     finally:
-        server.release(handles)
+        submission.release()
