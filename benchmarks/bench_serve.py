@@ -276,6 +276,7 @@ def _plot(rows: list, path: Path) -> None:
 
 def run(args) -> dict:
     model, tokenizer = load_default_model()
+    load_average = os.getloadavg()[0]  # the machine's other load, which these numbers are not immune to
     rows = load(args, model, tokenizer)
 
     def median(side, key):
@@ -284,6 +285,7 @@ def run(args) -> dict:
     result = dict(load=rows, ratio=median("server", "tokens_per_s") / median("engine", "tokens_per_s"),
                   cpu_ratio=median("server", "cpu_s") / median("engine", "cpu_s"),
                   overhead=overhead(args, model, tokenizer), best_of=best_of(args))
+    result["load_average"] = (load_average, os.getloadavg()[0])
     OUT.mkdir(exist_ok=True)
     with open(OUT / "serve.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -295,7 +297,8 @@ def run(args) -> dict:
 
 def report(result: dict, args) -> None:
     print(f"load: {args.clients} clients x {args.requests} streamed requests, n={args.n}, {args.max_tokens} tokens "
-          f"(torch threads {torch.get_num_threads()})")
+          f"(torch threads {torch.get_num_threads()}; 1-minute load average {result['load_average'][0]:.1f} at the "
+          f"start, {result['load_average'][1]:.1f} at the end)")
     for row in result["load"]:
         print(f"  {row['side']:<7} {row['tokens_per_s']:8.1f} tokens/s  latency p50 {row['p50_latency_s']:.3f} "
               f"p99 {row['p99_latency_s']:.3f} s  TTFT p50 {row['p50_ttft_s']:.3f} p99 {row['p99_ttft_s']:.3f} s  "
