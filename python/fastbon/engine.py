@@ -187,7 +187,8 @@ class Engine:
     def step(self) -> bool:
         """One engine step: cancellations, admission, one prefill chunk, new rows' first tokens, one decode forward
         over every live row, then the policies. Returns whether there was anything to do."""
-        with self._lock:
+        # Inference only: with gradients on, the products would leave the fixed-order kernel (routing.SkinnyLinears).
+        with self._lock, torch.no_grad():
             self._cancel_requested()
             if not self._has_work():
                 return False

@@ -10,8 +10,9 @@ samples are the same for any worker count.
 
 from pathlib import Path
 
+from ..config import check_int
 from ..scoring import SCORE_RULES
-from .config import BatchConfig, positive_int
+from .config import BatchConfig
 from .local import run_local
 
 
@@ -40,7 +41,7 @@ def run(input, output, *, model=None, n=16, k=1, return_all=False, max_new_token
     """
     for name, value in (("batch_prompts", batch_prompts), ("workers", workers),
                         ("threads_per_worker", threads_per_worker)):
-        positive_int(name, value)
+        check_int(name, value, 1)
     if ray is not False and ray is not True and not isinstance(ray, str):
         raise TypeError(f"ray must be False, True or a Ray address, got {ray!r}")
     # Absolute paths, so the manifest names the same folders whatever the working directory of a rerun.

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import SamplingConfig
 from ..scoring import SCORE_RULES
 from . import parquet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-LOGPROB_MODES = ("raw", "processed")
 
 
 @dataclass(frozen=True)
@@ -34,23 +34,17 @@ class BatchConfig:
     dtype: str = "float32"
     jsonl: bool = False
 
-    def check(self) -> None:
-        from ..ops.sampling import sampling_params
+    def sampling(self, score="mean_logprob") -> SamplingConfig:
+        """The sampling options as the one validated ``fastbon.SamplingConfig`` (``score``: the built score)."""
+        return SamplingConfig(n=self.n, k=self.k, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              repetition_penalty=self.repetition_penalty, stop_strings=list(self.stop) or None,
+                              seed=self.seed, logprobs=self.logprobs, score=score)
 
-        for name in ("n", "k", "max_new_tokens"):
-            positive_int(name, getattr(self, name))
-        if self.k > self.n:
-            raise ValueError(f"k must be <= n, got k={self.k} > n={self.n}")
+    def check(self) -> None:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
-        sampling_params(1, "cpu", temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        min_p=self.min_p, seed=0)
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if any(not isinstance(string, str) or not string for string in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {list(self.stop)!r}")
-        if self.logprobs not in LOGPROB_MODES:
-            raise ValueError(f"logprobs must be one of {LOGPROB_MODES}, got {self.logprobs!r}")
+        self.sampling()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
@@ -68,14 +62,6 @@ class BatchConfig:
         if Path(self.score).is_dir():
             manifest["score_fingerprint"] = parquet.fingerprint_folder(self.score)
         return manifest
-
-
-def positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def check_score_option(score) -> None:

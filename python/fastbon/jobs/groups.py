@@ -1,12 +1,12 @@
-"""A data-set job's groups: the input cut into groups of prompts (one ``fastbon.generate`` call and one output part
-each), the generator that turns a group into its rows, and the progress meter. The local and Ray runners share them.
+"""A data-set job's groups: the input cut into groups of prompts (one output part each), the generator that runs
+them on one engine per worker and turns each group into its rows, and the progress meter. The local and Ray runners
+share them.
 
-Determinism: prompt ``id`` samples with the seed ``prompt_seed(seed, id)`` (``fastbon.prompts``), and the prompts are
-cut into groups from the whole input, sorted by length, before any prompt is skipped. A group is therefore the same
-set of prompts whatever the worker count, and a rerun skips whole groups, so each prompt's samples are bit-identical
-across workers and resumes (float rounding in a batched matmul depends on what else is in the batch; fixed groups
-keep even that the same). Changing ``batch_prompts`` changes the groups: samples stay the same draws, their last
-bits may not.
+Determinism: prompt ``id`` samples with the seed ``prompt_seed(seed, id)`` (``fastbon.prompts``), and a request's
+tokens and log-probs depend only on its prompt, its settings and its seed (``fastbon.engine``), never on what else
+the engine runs. So each prompt's rows are bit-identical across worker counts, resumes and ``batch_prompts``. The
+prompts are cut into groups from the whole input, sorted by length, before any prompt is skipped, so a rerun skips
+whole groups (parts).
 """
 
 import time
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .. import FINISH_REASONS, generate
+from ..decode import FINISH_REASONS
+from ..engine import Engine
 from ..prompts import prompt_seed
 from . import parquet
 from .config import DTYPES, BatchConfig, build_score
@@ -82,46 +83,71 @@ class PromptGenerator:
             self.tokenizer = load_tokenizer(config.model)
         self.score = build_score(config.score, self.tokenizer, self.device, dtype)
 
-    def __call__(self, ids: list, prompts: list) -> tuple:
-        """(pyarrow table of the rows, generated tokens) for prompts ``prompts`` (text or messages) with ``ids``."""
-        pyarrow = parquet.pyarrow_modules()[0]
-        config, tokenizer = self.config, self.tokenizer
-        texts, input_ids = [], []
-        for prompt in prompts:
-            text, special = render(tokenizer, prompt)
-            texts.append(text)
-            input_ids.append(torch.tensor(tokenizer(text, add_special_tokens=special).input_ids, dtype=torch.int64))
+        # One engine for the worker: every group it is handed streams through it, rows joining as others finish.
+        self.engine = Engine(self.model, self.tokenizer, background=False)
         returned = config.n if config.return_all else config.k
-        result = generate(self.model, input_ids, n=config.n, k=returned, max_new_tokens=config.max_new_tokens,
-                          temperature=config.temperature, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
-                          repetition_penalty=config.repetition_penalty, score=self.score,
-                          seed=[prompt_seed(config.seed, i) for i in ids], logprobs=config.logprobs,
-                          stop_strings=list(config.stop) or None, tokenizer=tokenizer)
-        lengths, sequences = result.lengths.tolist(), result.sequences.cpu()
-        logprobs, scores = result.token_logprobs.cpu(), result.scores.cpu().tolist()
-        samples, reasons = result.indices.tolist(), result.finish_reasons.tolist()
+        self.sampling = config.sampling(self.score).replace(k=returned)
+
+    def submit(self, ids: list, prompts: list) -> "Group":
+        """Queue a group's prompts (text or messages) with ``ids`` on the engine."""
+        texts, requests = [], []
+        for prompt_id, prompt in zip(ids, prompts, strict=True):
+            text, special = render(self.tokenizer, prompt)
+            texts.append(text)
+            input_ids = self.tokenizer(text, add_special_tokens=special).input_ids
+            requests.append(self.engine.submit(input_ids, self.sampling.replace(
+                seed=prompt_seed(self.config.seed, prompt_id))))
+        return Group(ids, texts, requests)
+
+    def rows(self, group: "Group") -> tuple:
+        """(pyarrow table of the group's rows, generated tokens), once its requests are done."""
+        pyarrow = parquet.pyarrow_modules()[0]
+        tokenizer, returned = self.tokenizer, self.sampling.k
         columns = {name: [] for name in OUTPUT_COLUMNS}
-        for prompt, (prompt_id, text) in enumerate(zip(ids, texts, strict=True)):
+        tokens_generated = 0
+        for prompt_id, text, request in zip(group.ids, group.texts, group.requests, strict=True):
+            result = request.result()
+            tokens_generated += int(result.stats["tokens_generated"])
+            lengths, sequences = result.lengths[0].tolist(), result.sequences[0].cpu()
+            logprobs, scores = result.token_logprobs[0].cpu(), result.scores[0].cpu().tolist()
+            samples, reasons = result.indices[0].tolist(), result.finish_reasons[0].tolist()
             for rank in range(returned):
-                length = lengths[prompt][rank]
-                tokens = sequences[prompt, rank, :length]
-                row = dict(id=prompt_id, prompt=text, rank=rank, sample=samples[prompt][rank],
+                tokens = sequences[rank, :lengths[rank]]
+                row = dict(id=prompt_id, prompt=text, rank=rank, sample=samples[rank],
                            completion=tokenizer.decode(tokens, skip_special_tokens=True), tokens=tokens.tolist(),
-                           token_logprobs=logprobs[prompt, rank, :length].tolist(), score=scores[prompt][rank],
-                           finish_reason=FINISH_REASONS[reasons[prompt][rank]])
+                           token_logprobs=logprobs[rank, :lengths[rank]].tolist(), score=scores[rank],
+                           finish_reason=FINISH_REASONS[reasons[rank]])
                 for name, value in row.items():
                     columns[name].append(value)
-        schema = output_schema(pyarrow.string() if isinstance(ids[0], str) else pyarrow.int64())
-        return pyarrow.table(columns, schema=schema), int(result.stats["tokens_generated"])
+        schema = output_schema(pyarrow.string() if isinstance(group.ids[0], str) else pyarrow.int64())
+        return pyarrow.table(columns, schema=schema), tokens_generated
+
+
+class Group:
+    """A group's prompts on the engine: their ids, rendered texts and requests."""
+
+    def __init__(self, ids: list, texts: list, requests: list):
+        self.ids, self.texts, self.requests = ids, texts, requests
+        self.cpu_start = time.process_time()
+
+    def done(self) -> bool:
+        return all(request.done() for request in self.requests)
+
+
+def write_group(generator: PromptGenerator, output, group: Group, jsonl: bool) -> dict:
+    """A finished group's part, written whole; the counts the progress meter adds up (CPU seconds are this
+    process's, all its threads, since the group was submitted: a shared machine's other load does not inflate
+    them)."""
+    rows, tokens = generator.rows(group)
+    parquet.write_part(output, parquet.part_key(group.ids), rows, jsonl)
+    return dict(prompts=len(group.ids), tokens=tokens, cpu_seconds=time.process_time() - group.cpu_start)
 
 
 def run_group(generator: PromptGenerator, output, ids: list, prompts: list, jsonl: bool) -> dict:
-    """One group: generate, write its part; the counts the progress meter adds up (CPU seconds are this
-    process's, all its threads, so a shared machine's other load does not inflate them)."""
-    cpu_start = time.process_time()
-    rows, tokens = generator(ids, prompts)
-    parquet.write_part(output, parquet.part_key(ids), rows, jsonl)
-    return dict(prompts=len(ids), tokens=tokens, cpu_seconds=time.process_time() - cpu_start)
+    """One group alone (a Ray call): run to completion on the worker's engine, its part written."""
+    group = generator.submit(ids, prompts)
+    generator.engine.run_until(group.done)
+    return write_group(generator, output, group, jsonl)
 
 
 def output_schema(id_type):
