@@ -10,7 +10,7 @@ from .prompts import prepare_prompts, special_ids
 from .result import GenerationResult, concatenate
 from .seeds import check_seed, sample_seeds
 
-__all__ = ["FINISH_REASONS", "GenerationResult", "generate", "run_requests"]
+__all__ = ["FINISH_REASONS", "GenerationResult", "generate", "generate_each", "run_requests", "split_keywords"]
 
 
 def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -63,28 +63,51 @@ def generate(model, input_ids, n=16, k=1, max_new_tokens=128, temperature=1.0, t
 
 def run_requests(model, input_ids, attention_mask, config: SamplingConfig, seed, *, tokenizer=None, backend=None,
                  max_memory=None, compile=False, search=None) -> GenerationResult:
-    """The B prompts of ``input_ids`` as B requests of one engine driven from this thread, their results as one
-    ``GenerationResult``; ``search(prompt_index)`` gives each request's fork hook (``fastbon.search``)."""
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    """The B prompts of ``input_ids`` under one config as one ``GenerationResult`` (``generate_each``);
+    ``search(prompt_index)`` gives each request's fork hook (``fastbon.search``)."""
     hf.check_model(model, 0)
     special_ids(model, None if config.eos_token_id is None else list(config.eos_token_id))
     device = model.get_output_embeddings().weight.device
     prompts = prepare_prompts(input_ids, attention_mask, model.get_input_embeddings().weight.shape[0], device)
     check_seed(seed, len(prompts))
     seeds = sample_seeds(seed, len(prompts), config.n).view(len(prompts), config.n)
-    engine = Engine(model, tokenizer, max_rows=len(prompts) * config.n, max_memory=max_memory, backend=backend,
-                    compile=compile, prefix_cache=False, background=False)
-    with torch.no_grad():
-        requests = [engine.submit(prompt, config, seeds=seeds[index],
-                                  search=None if search is None else search(index))
-                    for index, prompt in enumerate(prompts)]
-        engine.run_until(lambda: all(request.done() for request in requests))
-        results = [request.result() for request in requests]
+    results, stats = generate_each(model, prompts, [config] * len(prompts), list(seeds), tokenizer=tokenizer,
+                                   backend=backend, max_memory=max_memory, compile=compile, search=search)
     _, pad_token_id = special_ids(model, None if config.eos_token_id is None else list(config.eos_token_id))
     result = concatenate(results, pad_token_id)
-    result.stats = _call_stats([request.stats for request in requests], engine)
+    result.stats = stats
     return result
+
+
+ENGINE_KEYWORDS = ("tokenizer", "backend", "max_memory", "compile")
+
+
+def split_keywords(keywords: dict) -> tuple[dict, dict]:
+    """``fastbon.generate`` keywords as (``SamplingConfig`` fields, engine keywords); anything else is refused."""
+    fields = set(SamplingConfig.__dataclass_fields__)
+    unknown = sorted(set(keywords) - fields - set(ENGINE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unknown fastbon settings {unknown}")
+    return ({name: value for name, value in keywords.items() if name in fields},
+            {name: value for name, value in keywords.items() if name in ENGINE_KEYWORDS})
+
+
+def generate_each(model, prompts: list, configs: list, seeds: list, *, tokenizer=None, backend=None,
+                  max_memory=None, compile=False, search=None) -> tuple[list, dict]:
+    """Every prompt (1-D id tensors) under its own config and its samples' seeds (int64 [n] each), submitted at once
+    to one engine driven from this thread: (one ``GenerationResult`` per prompt, the call's stats). What the
+    framework adapters call: a trainer step's groups, an evaluation's requests, all in one continuous batch."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    engine = Engine(model, tokenizer, max_rows=sum(config.n for config in configs), max_memory=max_memory,
+                    backend=backend, compile=compile, prefix_cache=False, background=False)
+    with torch.no_grad():
+        requests = [engine.submit(prompt, config, seeds=prompt_seeds,
+                                  search=None if search is None else search(index))
+                    for index, (prompt, config, prompt_seeds) in enumerate(zip(prompts, configs, seeds, strict=True))]
+        engine.run_until(lambda: all(request.done() for request in requests))
+        results = [request.result() for request in requests]
+    return results, _call_stats([request.stats for request in requests], engine)
 
 
 def _call_stats(per_request: list, engine) -> dict:
@@ -93,9 +116,9 @@ def _call_stats(per_request: list, engine) -> dict:
              for name in ("prefill_tokens", "prefix_cache_hit_tokens", "tokens_generated", "preempted", "pruned",
                           "prefix_kv_bytes", "checkpoints", "prefill_seconds")}
     # A step is a token drawn by every live row: the first from the prompt's logits, then one per forward.
-    stats.update(decode_steps=max(stats.get("decode_steps", 0) for stats in per_request),
+    stats.update(decode_steps=max(request.get("decode_steps", 0) for request in per_request),
                  kv_bytes=engine.counters["peak_kv_bytes"],
                  compile_seconds=engine.decoder.stats.get("compile_seconds", 0.0))
     if any("generated_kv_bytes" in stats for stats in per_request):
-        stats["generated_kv_bytes"] = [stats.get("generated_kv_bytes", []) for stats in per_request]
+        stats["generated_kv_bytes"] = [request.get("generated_kv_bytes", []) for request in per_request]
     return stats

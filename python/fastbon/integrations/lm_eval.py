@@ -25,8 +25,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
-from ..generate import generate as fastbon_generate
+from ..config import SamplingConfig
+from ..generate import generate_each, split_keywords
 from ..prompts import prompt_seed
+from ..seeds import sample_seeds
 from .transformers import generation_settings, merged_generation_config
 
 
@@ -83,46 +85,32 @@ class FastbonLM(HFLM):
             groups.setdefault(_key(context, gen_kwargs), (context, gen_kwargs, []))[2].append(position)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         seed = self.fastbon_seed if self.fastbon_seed is not None else torch.initial_seed()
-        # One call per (kwargs, number of samples): every document in it draws the same n.
-        calls = {}
-        for key, (_, gen_kwargs, positions) in groups.items():
-            calls.setdefault((_key("", gen_kwargs), len(positions)), []).append(key)
-        results = [None] * len(requests)
-        for (_, count), keys in calls.items():
-            gen_kwargs = groups[keys[0]][1]
-            per_call = max(1, self.batch_size // count) if isinstance(self.batch_size, int) else len(keys)
-            for start in range(0, len(keys), per_call):
-                chunk = keys[start:start + per_call]
-                texts = self._generate_group([groups[key][0] for key in chunk], gen_kwargs, count, eos,
-                                             [prompt_seed(seed, key) for key in chunk])
-                for key, document_texts in zip(chunk, texts, strict=True):
-                    context, _, positions = groups[key]
-                    for position, text in zip(positions, document_texts, strict=True):
-                        results[position] = text
-                        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-        return results
-
-    def _generate_group(self, contexts: list, gen_kwargs: dict, count: int, eos: str, seeds: list) -> list:
-        """``count`` completion texts for each context (same kwargs), from one fastbon call."""
-        # Each context encoded and left-truncated as HF's class does (one at a time: no padding to strip).
-        budget = self.max_length - normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"]
-        prompts = [self.tok_batch_encode([context], left_truncate_len=budget, truncation=self.truncation)[0][0]
-                   for context in contexts]
-        settings, until = self._request_settings(gen_kwargs, eos, max(prompt.numel() for prompt in prompts))
-        greedy = settings["temperature"] == 0.0
-        settings["n"] = 1 if greedy else count
+        # Every document's request at once, on one engine: n = its number of identical requests (1 when greedy).
+        prompts, configs, seeds, untils = [], [], [], []
+        for key, (context, gen_kwargs, positions) in groups.items():
+            budget = self.max_length - normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)["max_gen_toks"]
+            prompt = self.tok_batch_encode([context], left_truncate_len=budget, truncation=self.truncation)[0][0]
+            settings, until = self._request_settings(gen_kwargs, eos, prompt.numel())
+            sampling, _ = split_keywords(settings)
+            n = 1 if sampling["temperature"] == 0.0 else len(positions)
+            sampling.update(n=n, k=1, return_all=True)
+            prompts.append(prompt.cpu())
+            configs.append(SamplingConfig(**sampling))
+            seeds.append(sample_seeds([prompt_seed(seed, key)], 1, n))
+            untils.append(until)
         with torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                             enabled=self.mixed_precision_dtype is not None):
-            result = fastbon_generate(self.model, [prompt.to(self.device) for prompt in prompts],
-                                      k=1, return_all=True, seed=seeds, backend=self.fastbon_backend,
-                                      compile=self.fastbon_compile, **settings)
-        sequences, lengths = result.all_sequences.tolist(), result.all_lengths.tolist()
-        texts = []
-        for row in range(len(prompts)):
-            drawn = [self._text(sequences[row][sample][:lengths[row][sample]], until)
-                     for sample in range(settings["n"])]
-            texts.append(drawn * count if greedy else drawn)
-        return texts
+            outputs, _ = generate_each(self.model, prompts, configs, seeds, tokenizer=self.tokenizer,
+                                       backend=self.fastbon_backend, compile=self.fastbon_compile)
+        results = [None] * len(requests)
+        for (context, gen_kwargs, positions), result, until in zip(groups.values(), outputs, untils, strict=True):
+            sequences, lengths = result.all_sequences[0].tolist(), result.all_lengths[0].tolist()
+            drawn = [self._text(sequences[sample][:lengths[sample]], until) for sample in range(len(sequences))]
+            texts = drawn * len(positions) if len(drawn) == 1 else drawn
+            for position, text in zip(positions, texts, strict=True):
+                results[position] = text
+                self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return results
 
 
 if __name__ == "__main__":  # python -m fastbon.integrations.lm_eval run --model fastbon ...: lm-eval CLI, registered

@@ -22,13 +22,14 @@ Weights come straight from the trainer's model, unwrapped as TRL unwraps it for 
 """
 
 import inspect
-from collections import defaultdict
 
 import torch
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
-from ..generate import generate as fastbon_generate
+from ..config import SamplingConfig
+from ..generate import generate_each, split_keywords
+from ..seeds import sample_seeds
 from .transformers import generation_settings, merged_generation_config
 
 # What a caller may set over the trainer's settings (rollout_func's keywords, FastbonGeneration.fastbon_sampling).
@@ -76,31 +77,28 @@ def _runs(items: list) -> list[tuple[int, int]]:
 
 def generate_rollouts(trainer, prompt_ids: list, overrides: dict) -> tuple[list, list]:
     """One completion (token ids) and its per-token processed log-probs for each prompt of ``prompt_ids`` (lists of
-    ids, each group's prompt repeated in a row), drawn with one fastbon call per group size."""
+    ids, each group's prompt repeated in a row): every group of the step submitted at once to one engine, a group of
+    m prompts as one request of n = m samples."""
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one prompt")
     runs = _runs([list(ids) for ids in prompt_ids])
-    by_size = defaultdict(list)
-    for start, length in runs:
-        by_size[length].append(start)
     completions, logprobs = [None] * len(prompt_ids), [None] * len(prompt_ids)
     args = trainer.args
     with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
                                      gather_deepspeed3_params=args.ds3_gather_for_generation,
                                      gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs) as model:
-        settings = _settings(trainer, model, overrides)
-        device = model.get_input_embeddings().weight.device
-        for size, starts in by_size.items():
-            prompts = [torch.as_tensor(list(prompt_ids[start]), dtype=torch.int64, device=device) for start in starts]
-            result = fastbon_generate(model, prompts, n=size, k=1, return_all=True, logprobs="processed",
-                                      **settings)
-            lengths, sequences = result.all_lengths.tolist(), result.all_sequences.tolist()
-            token_logprobs = result.all_token_logprobs.tolist()
-            for row, start in enumerate(starts):
-                for sample in range(size):
-                    length = lengths[row][sample]
-                    completions[start + sample] = sequences[row][sample][:length]
-                    logprobs[start + sample] = token_logprobs[row][sample][:length]
+        sampling, engine = split_keywords(_settings(trainer, model, overrides))
+        configs = [SamplingConfig(n=length, k=1, return_all=True, logprobs="processed", **sampling)
+                   for _, length in runs]
+        prompts = [torch.as_tensor(list(prompt_ids[start]), dtype=torch.int64) for start, _ in runs]
+        seeds = [sample_seeds(None, 1, length) for _, length in runs]
+        results, _ = generate_each(model, prompts, configs, seeds, **engine)
+        for (start, length), result in zip(runs, results, strict=True):
+            lengths, sequences = result.all_lengths[0].tolist(), result.all_sequences[0].tolist()
+            token_logprobs = result.all_token_logprobs[0].tolist()
+            for sample in range(length):
+                completions[start + sample] = sequences[sample][:lengths[sample]]
+                logprobs[start + sample] = token_logprobs[sample][:lengths[sample]]
     return completions, logprobs
 
 
