@@ -40,8 +40,12 @@ def _load(model_dir, device):
 
 def run(args) -> int:
     from . import generate
+    from .config import SamplingConfig
     from .demos.common import default_device
 
+    # Every option checked before the model loads (the same messages as every other way in).
+    SamplingConfig(n=args.n, k=args.k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     args.device = args.device or default_device()
     model, tokenizer, description = _load(args.model, args.device)
     prompt = args.prompt if args.prompt is not None else "123+456="
@@ -152,7 +156,10 @@ def main(argv=None) -> int:
         return _demo_or_bench(args.command, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError) as error:  # a bad option: one line naming it, exit status 2 (argparse's)
+        commands.choices[args.command].error(str(error))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ def _check_overrides(overrides: dict) -> dict:
     unknown = sorted(set(overrides) - SETTINGS)
     if unknown:
         raise TypeError(f"unknown fastbon rollout settings {unknown}; these can be set: {sorted(SETTINGS)}")
+    SamplingConfig(**{name: value for name, value in overrides.items() if name in SamplingConfig.__dataclass_fields__})
     return dict(overrides)
 
 
