@@ -333,11 +333,16 @@ class Engine:
             return
         rows = self.rows
         padded = -(-len(rows) // self.row_multiple) * self.row_multiple
+        levels = max(len(row.request.prompt_blocks) + len(row.blocks) for row in rows)
+        if self.decoder.compiled is not None:  # a few static shapes: powers of two of rows and of levels
+            padded = max(padded, 1 << (len(rows) - 1).bit_length())
+            padded = -(-padded // self.row_multiple) * self.row_multiple
+            levels = 1 << (levels - 1).bit_length()
         write_blocks, write_offsets = [row.blocks[-1] for row in rows], [row.write_offset() for row in rows]
         # Each row's block holds this step's key when attention runs: its length counts it.
         self.pool.lens[torch.tensor(write_blocks)] = torch.tensor(write_offsets, dtype=torch.int32).to(
             self.device) + 1
-        self.cache.set_rows([row.path() for row in rows], write_blocks, write_offsets, padded)
+        self.cache.set_rows([row.path() for row in rows], write_blocks, write_offsets, padded, levels)
         inputs = step_inputs(rows, self.device)
         try:
             logits = self.decoder.forward(self.cache, inputs, padded)

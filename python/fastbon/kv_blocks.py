@@ -243,11 +243,13 @@ class PagedCache(Cache):
         layers = [_PoolLayer(self, index) for index in range(len(pool.keys))]
         super().__init__(layers=layers)
 
-    def set_rows(self, paths: list, write_blocks: list, write_offsets: list, padded_rows: int) -> None:
+    def set_rows(self, paths: list, write_blocks: list, write_offsets: list, padded_rows: int,
+                 levels: int | None = None) -> None:
         """This step's rows: ``paths`` per live row its blocks (the last one receives the row's new key at
-        ``write_offsets``); rows past ``len(paths)`` up to ``padded_rows`` pad the batch with an empty path."""
+        ``write_offsets``); rows past ``len(paths)`` up to ``padded_rows`` pad the batch with an empty path; the
+        tree has ``levels`` levels (default: the longest path; deeper levels are the empty block)."""
         device = self.pool.device
-        self.num_levels = max(len(path) for path in paths)
+        self.num_levels = max(levels or 0, max(len(path) for path in paths))
         segments = torch.full((self.num_levels, padded_rows), EMPTY, dtype=torch.int32)
         for row, path in enumerate(paths):
             segments[:len(path), row] = torch.tensor(path, dtype=torch.int32)
