@@ -2,6 +2,7 @@
 
     python benchmarks/bench_memory.py follow     # best-of-32, max_new_tokens 100_000 vs 2_000, samples stop at EOS
     python benchmarks/bench_memory.py budget     # best-of-1024 at P=2048 under max_memory=512MiB vs unbounded
+    python benchmarks/bench_memory.py engine     # 200 requests x n=8 through one engine under max_memory=256MiB
     pytest benchmarks/bench_memory.py            # a seconds-long smoke run of both (CI)
 
 ``follow``: a random-weight Llama whose EOS is a token it draws about once per few hundred steps, so samples end
@@ -64,6 +65,28 @@ def run_once(kind, shape, max_new_tokens, n, prompt_len, max_memory=None, eos_ra
                 sequences=result.sequences[0].tolist())
 
 
+def run_engine(shape, requests, n, max_new_tokens, max_memory, eos_rate=1 / 256):
+    """Many requests (prompts of 64-512 tokens) through one engine under ``max_memory``: the peak RSS growth."""
+    from fastbon.engine import Engine
+    from fastbon.memory import parse_budget
+
+    model = llama_model(**shape)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, model.config.vocab_size, (int(length),), generator=generator)
+               for length in torch.randint(64, 513, (requests,), generator=generator)]
+    config = fastbon.SamplingConfig(n=n, max_new_tokens=max_new_tokens, eos_token_id=_pick_eos(model, eos_rate),
+                                    seed=0)
+    start = time.perf_counter()
+    with PeakMemory("cpu") as peak:
+        engine = Engine(model, max_memory=max_memory, max_rows=64, background=False)
+        handles = [engine.submit(prompt, config.replace(seed=index)) for index, prompt in enumerate(prompts)]
+        engine.run_until(lambda: all(handle.done() for handle in handles))
+    stats = engine.stats
+    return dict(seconds=time.perf_counter() - start, peak_mb=peak.peak_bytes / 2**20,
+                budget_mb=parse_budget(max_memory) / 2**20, peak_kv_mb=stats["peak_kv_bytes"] / 2**20,
+                tokens=stats["tokens_generated"], preempted=stats["preempted"], finished=stats["requests_finished"])
+
+
 def _in_subprocess(**arguments):
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_memory as b; "
             f"r = b.run_once(**{arguments!r}); print(json.dumps(r))")
@@ -98,13 +121,26 @@ def budget(shape, n=1024, prompt_len=2048, new_tokens=64, max_memory="512MiB"):
     return bounded, unbounded
 
 
+def engine(shape, requests=200, n=8, max_new_tokens=1024, max_memory="256MiB"):
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_memory as b; "
+            f"r = b.run_engine({shape!r}, {requests}, {n}, {max_new_tokens}, {max_memory!r}); print(json.dumps(r))")
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    run = json.loads(output.strip().splitlines()[-1])
+    print(f"{run['finished']} requests, {run['tokens']} tokens in {run['seconds']:.1f} s under max_memory="
+          f"{max_memory}: peak RSS growth {run['peak_mb']:.1f} MB (budget {run['budget_mb']:.0f} MiB; the KV pool "
+          f"peaked at {run['peak_kv_mb']:.1f} MiB; {run['preempted']} rows preempted)")
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["follow", "budget"])
+    parser.add_argument("what", choices=["follow", "budget", "engine"])
     parser.add_argument("--eos-rate", type=float, default=1 / 300, help="follow: EOS draws per step (about)")
     args = parser.parse_args(argv)
     if args.what == "follow":
         follow(FOLLOW_SHAPE, eos_rate=args.eos_rate)
+    elif args.what == "engine":
+        engine(FOLLOW_SHAPE)
     else:
         budget(FOLLOW_SHAPE)
     return 0
@@ -113,8 +149,10 @@ def main(argv=None) -> int:
 def test_memory_smoke():
     runs = follow(TINY_SHAPE, n=4, prompt_len=8, long=2_000, short=100, eos_rate=1 / 20)
     assert runs[2_000]["longest"] < 2_000
-    bounded, unbounded = budget(TINY_SHAPE, n=16, prompt_len=32, new_tokens=4, max_memory=2**20 // 4)
+    bounded, unbounded = budget(TINY_SHAPE, n=8, prompt_len=32, new_tokens=260, max_memory=2**20)
     assert bounded["preempted"] > 0 and bounded["sequences"] == unbounded["sequences"]
+    run = engine(TINY_SHAPE, requests=12, n=2, max_new_tokens=64, max_memory=2**24)
+    assert run["finished"] == 12 and run["peak_kv_mb"] <= run["budget_mb"]
 
 
 if __name__ == "__main__":
