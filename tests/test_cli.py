@@ -22,8 +22,9 @@ def test_bench_writes_csv_and_plot(tmp_path, capsys):
     assert "speedup" in capsys.readouterr().out
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="n must"):
+def test_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_code:
         cli.main(["run", "-n", "0"])
+    assert exit_code.value.code == 2 and "n must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["run", "--no-such-option"])

@@ -117,8 +117,9 @@ def _call_stats(per_request: list, engine) -> dict:
                           "prefix_kv_bytes", "checkpoints", "prefill_seconds")}
     # A step is a token drawn by every live row: the first from the prompt's logits, then one per forward.
     stats.update(decode_steps=max(request.get("decode_steps", 0) for request in per_request),
-                 kv_bytes=engine.counters["peak_kv_bytes"],
-                 compile_seconds=engine.decoder.stats.get("compile_seconds", 0.0))
+                 forwards=engine.counters["decode_steps"], kv_bytes=engine.counters["peak_kv_bytes"])
+    if "compile_seconds" in engine.decoder.stats:  # only when this call compiled a shape
+        stats["compile_seconds"] = engine.decoder.stats["compile_seconds"]
     if any("generated_kv_bytes" in stats for stats in per_request):
         stats["generated_kv_bytes"] = [request.get("generated_kv_bytes", []) for request in per_request]
     return stats
