@@ -25,9 +25,6 @@ from .ops.sampling import sample_implementation
 # Why each sample ended: ``GenerationResult.finish_reasons`` holds indices into this tuple.
 FINISH_REASONS = ("length", "eos", "stop", "pruned")
 LENGTH, EOS, STOP, PRUNED = range(4)
-# The engine reads each step's tokens on the host after the step (EOS, stop strings, admission): finished rows
-# retire at once. On a CPU the host is the device, so the read costs nothing.
-SYNC_EVERY = 1
 # torch's widest vector loop on CPU processes 2 vectors of 64 bytes per iteration: elements past the last whole
 # iteration of a thread's chunk take the scalar path.
 _VECTOR_LOOP_BYTES = 128

@@ -2,12 +2,11 @@
 decoded completion, matched across token boundaries (transformers' ``StopStringCriteria`` semantics: the
 completing token is kept whole, overhang included; nothing after it).
 
-Matching runs on the host at the decode loop's existing sync points, never per step: the tokens generated since
-the last check are decoded in windows (each ending at one new token, long enough to hold any stop string) in one
-batched ``tokenizer.batch_decode``; the loop then trims the overshoot (at most one sync interval of tokens).
+Matching runs on the host after every engine step, where the step's tokens are read anyway: each row's window
+ending at its newest token (long enough to hold any stop string) is decoded, all rows in one batched
+``tokenizer.batch_decode``; a window holds a stop string only if the newest token completed it, so nothing is
+trimmed afterwards and nothing streamed is taken back.
 """
-
-import torch
 
 
 class StopStrings:
@@ -31,24 +30,6 @@ class StopStrings:
         # UTF-8 character); a few more tokens on the left keep the window's own left edge (a SentencePiece
         # leading space, a cut character) away from any match.
         self.window = 4 * max(len(string) for string in self.strings) + 4
-
-    def first_stops(self, tokens: torch.Tensor, lengths: torch.Tensor, start: int) -> list:
-        """For each row of ``tokens`` [R, S] (S >= its length; positions before ``start`` were checked before),
-        the position of the token completing its first stop string at or after ``start``, or None."""
-        tokens, lengths = tokens.cpu().tolist(), lengths.cpu().tolist()
-        windows, owners = [], []
-        for row, (ids, length) in enumerate(zip(tokens, lengths, strict=True)):
-            for position in range(start, length):
-                windows.append(ids[max(0, position + 1 - self.window):position + 1])
-                owners.append((row, position))
-        stops = [None] * len(tokens)
-        if not windows:
-            return stops
-        texts = self.tokenizer.batch_decode(windows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        for (row, position), text in zip(owners, texts, strict=True):
-            if stops[row] is None and any(string in text for string in self.strings):
-                stops[row] = position
-        return stops
 
     def holds_stop(self, windows: list) -> list:
         """For each window (a list of token ids), whether its decoded text holds a stop string."""
