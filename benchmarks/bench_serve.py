@@ -133,7 +133,9 @@ async def http_load(url: str, bodies: list, clients: int) -> tuple[list, float]:
 async def engine_load(engine: Engine, prompts: list, configs: list, clients: int) -> tuple[list, float]:
     async def one(index):
         start, first, tokens = time.perf_counter(), None, 0
-        async for event in engine.submit(prompts[index], configs[index]).astream():
+        # Submitted from a thread, as the server does: submit waits for the engine's lock (held for a whole step).
+        request = await asyncio.to_thread(engine.submit, prompts[index], configs[index])
+        async for event in request.astream():
             if first is None and event.tokens:
                 first = time.perf_counter() - start
             tokens += len(event.tokens)

@@ -6,6 +6,7 @@ stop and seed; streaming against unstreamed), httpx (errors, metrics, concurrent
 import concurrent.futures
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -63,12 +64,15 @@ class Served:
 
 
 def start(log: Path, *arguments: str, port: int | None = None) -> Served:
-    """Start ``python -m fastbon.cli serve`` and wait (bounded) until it answers /health."""
+    """Start ``python -m fastbon.cli serve`` and wait (bounded) until it answers /health. The tests' folder is on
+    its path, so ``--score test_serve:addition_verifier`` imports."""
     port = port or free_port()
     command = [sys.executable, "-m", "fastbon.cli", "serve", "--port", str(port), "--api-key", KEY,
                "--log-level", "warning", *arguments]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
     with open(log, "ab") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
     served = Served(process, port, log)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -112,6 +116,14 @@ def chat_model_folder(folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def addition_verifier(tokenizer):
+    """``--score test_serve:addition_verifier``: the embedded task's exact checker ranks best_of on the server."""
+    from fastbon.scoring import verifier
+
+    return verifier(lambda prompts, texts: [arithmetic.check(prompt, text) for prompt, text in
+                                            zip(prompts, texts, strict=True)], tokenizer)
 
 
 def mean_logprob(choice) -> float:
@@ -201,9 +213,20 @@ def _streamed_texts(stream) -> tuple[dict, dict, object]:
     return texts, reasons, usage
 
 
-def test_streaming_equals_unstreamed(tmp_path):
-    with serving(tmp_path) as served:
+def test_streaming_equals_unstreamed_and_a_verifier_ranks(tmp_path):
+    with serving(tmp_path, "--score", "test_serve:addition_verifier") as served:
         client = served.client()
+        # The server's verifier ranks: with the same seed, the one answer of best_of=16 is right exactly when one
+        # of the 16 samples is, and the right samples come first.
+        hard = dict(model=EMBEDDED, prompt="937+485=", max_tokens=6, temperature=1.5, seed=9, logprobs=0)
+        every = client.completions.create(**hard, n=16).choices
+        right = [arithmetic.check("937+485=", choice.text) for choice in every]
+        assert right == sorted(right, reverse=True) and any(right) and not all(right), "a spread to rank"
+        best = client.completions.create(**hard, n=1, best_of=16).choices[0]
+        assert arithmetic.check("937+485=", best.text)
+        assert client.completions.create(**hard, n=1, best_of=16, extra_body={"score": "mean_logprob"}).choices[
+            0].text == max(every, key=mean_logprob).text, "a request's own rule instead of the server's"
+
         asked = dict(model=EMBEDDED, prompt=["347+58=", "9+91="], n=3, max_tokens=6, seed=5, temperature=1.5,
                      stop=["9"])
         whole = client.completions.create(**asked)

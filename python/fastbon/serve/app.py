@@ -59,21 +59,28 @@ class _Recorder:
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
-class Submission:
-    """One HTTP request's engine requests, counted against the server's bound until released (once)."""
+def _cancel(handles: list) -> None:
+    for handle in handles:
+        handle.cancel()
 
-    def __init__(self, server: "Server", handles: list):
-        self.server, self.handles, self.released = server, handles, False
+
+class Submission:
+    """One HTTP request's engine requests, counted against the server's bound from before they are submitted until
+    released (once)."""
+
+    def __init__(self, server: "Server", count: int):
+        self.server, self.count, self.handles, self.released = server, count, [], False
+        server.in_flight += count
 
     def release(self) -> None:
         """Cancel what is still running (a gone client, a failed sibling, shutdown) and free the slots."""
         if self.released:
             return
         self.released = True
-        for handle in self.handles:
-            if not handle.done():
-                handle.cancel()
-        self.server.in_flight -= len(self.handles)
+        self.server.in_flight -= self.count
+        running = [handle for handle in self.handles if not handle.done()]
+        if running:
+            self.server.calls.submit(_cancel, running)
 
     async def results(self, request: Request) -> list | None:
         """Each engine request's result, or None when the client disconnects first (they are then cancelled)."""
@@ -92,30 +99,48 @@ class Submission:
 
 
 class Server:
-    """What the routes share: the engine, the served model, the bound on engine requests in flight."""
+    """What the routes share: the engine, the served model, the bound on engine requests in flight, and the
+    threads that call the engine. ``Engine.submit`` and ``Request.cancel`` wait for the engine's lock, which its
+    loop holds for a whole step, and ``Request.result`` blocks until the end: none of them runs on the event loop,
+    which would stall every other stream meanwhile."""
 
     def __init__(self, engine, served: ServedModel, max_requests: int):
         self.engine, self.served, self.max_requests = engine, served, max_requests
         self.in_flight = 0  # engine requests submitted and not yet released; only the event loop touches it
+        self.calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fastbon-serve-call")
         # Threads that block in request.result() for unstreamed answers: one per request in flight at most.
         self.waiters = ThreadPoolExecutor(max_workers=max_requests, thread_name_prefix="fastbon-serve-wait")
 
-    def submit(self, prompts: list, config, hooks: list) -> Submission:
-        """One engine request per prompt (``hooks``: each one's fork hook or None), or a 503 with Retry-After when
-        the bound would be passed."""
-        if self.in_flight + len(prompts) > self.max_requests:
-            raise APIError(503, f"the server is full ({self.in_flight} requests in flight, at most "
-                                f"{self.max_requests}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
+    def _submit(self, prompts: list, config, hooks: list) -> list:
         handles = []
         try:
             for ids, hook in zip(prompts, hooks, strict=True):
                 handles.append(self.engine.submit(ids, config, search=hook))
         except (TypeError, ValueError) as error:
-            for handle in handles:
-                handle.cancel()
+            _cancel(handles)
             raise engine_error(error) from error
-        self.in_flight += len(handles)
-        return Submission(self, handles)
+        return handles
+
+    async def submit(self, prompts: list, config, hooks: list) -> Submission:
+        """One engine request per prompt (``hooks``: each one's fork hook or None), or a 503 with Retry-After when
+        the bound would be passed."""
+        if self.in_flight + len(prompts) > self.max_requests:
+            raise APIError(503, f"the server is full ({self.in_flight} requests in flight, at most "
+                                f"{self.max_requests}); retry shortly", code="overloaded", headers={"Retry-After": "1"})
+        submission = Submission(self, len(prompts))
+        submitting = asyncio.get_running_loop().run_in_executor(self.calls, self._submit, prompts, config, hooks)
+        try:
+            submission.handles = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            # Gone while submitting (a disconnect, shutdown): what gets submitted is cancelled once it is.
+            submitting.add_done_callback(
+                lambda done: done.cancelled() or done.exception() or self.calls.submit(_cancel, done.result()))
+            submission.release()
+            raise
+        except Exception:
+            submission.release()
+            raise
+        return submission
 
 
 def _authorize(api_key: str | None):
@@ -152,7 +177,7 @@ def create_app(engine, served: ServedModel, *, api_key: str | None = None, max_r
         return {"status": "ok"}
 
     @app.get("/metrics")
-    async def prometheus():
+    def prometheus():  # not async: reading the engine's stats waits for its lock, so FastAPI runs it on a thread
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=guarded)
@@ -164,7 +189,7 @@ def create_app(engine, served: ServedModel, *, api_key: str | None = None, max_r
     async def generate(body, request: Request, prompts: list, chat: bool):
         start = time.perf_counter()
         config = sampling_config(body, max_new_tokens(body, prompts, served), served)
-        submission = server.submit(prompts, config, search_hooks(body, len(prompts), served))
+        submission = await server.submit(prompts, config, search_hooks(body, len(prompts), served))
         prompt_tokens = sum(len(ids) for ids in prompts)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
