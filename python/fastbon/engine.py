@@ -17,6 +17,7 @@ stop strings, pruning and forks at the request's own step counts, preemption whe
 request's rows go back to waiting and are decoded again later, with the same result), admission.
 """
 
+import itertools
 import threading
 from collections import deque
 
@@ -78,9 +79,12 @@ class Engine:
         self.counters = dict(prefill_tokens=0, prefix_cache_hit_tokens=0, decode_steps=0, tokens_generated=0,
                              preempted=0, requests_finished=0, requests_cancelled=0, requests_failed=0,
                              peak_kv_bytes=0)
-        self._next_id = 0
+        # Submitting never waits for a step: new requests go to an inbox (a deque: thread-safe appends) that the
+        # step drains, under the step's lock; the loop thread sleeps on a condition of its own.
+        self._ids = itertools.count()
+        self._inbox = deque()
         self._lock = threading.RLock()
-        self._wakeup = threading.Condition(self._lock)
+        self._wakeup = threading.Condition()
         self._background, self._thread, self._closed = background, None, False
 
     # --- the public surface -----------------------------------------------------------------------------------
@@ -99,13 +103,17 @@ class Engine:
                                                  else list(config.eos_token_id))
         if seeds is None:
             seeds = sample_seeds(config.seed, 1, config.n)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the engine is closed")
-            request = Request(self, self._next_id, prompt, config, seeds, tuple(eos_ids), stops, search)
-            self._next_id += 1
-            self.waiting.append(request)
-            self._wakeup.notify_all()
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        request = Request(self, next(self._ids), prompt, config, seeds, tuple(eos_ids), stops, search)
+        self._inbox.append(request)
+        if self._closed:  # closed meanwhile: taken back, unless the closing loop has cancelled it already
+            try:
+                self._inbox.remove(request)
+            except ValueError:
+                return request
+            raise RuntimeError("the engine is closed")
+        self._wake()
         if self._background:
             self._ensure_thread()
         return request
@@ -123,14 +131,14 @@ class Engine:
     def stats(self) -> dict:
         """Counters a server exports: tokens prefilled and taken from the prefix cache, decode steps, tokens
         generated, rows decoding, requests waiting (for a row or their prefill) and running, KV bytes held,
-        preemptions, requests finished / cancelled / failed."""
-        with self._lock:
-            stats = dict(self.counters)
-            stats.update(rows_active=len(self.rows), requests_waiting=len(self.waiting) + len(self.prefilling),
-                         requests_running=len(self.decoding), kv_bytes=self.pool.nbytes() if self.pool else 0,
-                         prefix_cache_blocks=len(self.prefix_cache) if self.prefix_cache else 0,
-                         max_rows=self.max_rows)
-            return stats
+        preemptions, requests finished / cancelled / failed. A snapshot read without waiting for the step under
+        way (each value is read whole; together they may straddle a step)."""
+        stats = dict(self.counters)
+        stats.update(rows_active=len(self.rows), requests_running=len(self.decoding),
+                     requests_waiting=len(self._inbox) + len(self.waiting) + len(self.prefilling),
+                     kv_bytes=self.pool.nbytes() if self.pool else 0,
+                     prefix_cache_blocks=len(self.prefix_cache) if self.prefix_cache else 0, max_rows=self.max_rows)
+        return stats
 
     def invalidate_prefix_cache(self) -> None:
         """Forget every cached prompt block (the weights' versions already key them; this is for weights
@@ -141,40 +149,46 @@ class Engine:
 
     def close(self) -> None:
         """Cancel what is left and stop the loop thread."""
-        with self._lock:
-            self._closed = True
-            for request in [*self.waiting, *self.prefilling, *self.decoding]:
-                request.cancel_requested = True
-            self._wakeup.notify_all()
+        self._closed = True
+        for request in [*self._inbox, *self.waiting, *self.prefilling, *self.decoding]:
+            request.cancel_requested = True
+        self._wake()
         if self._thread is not None:
             self._thread.join()
         else:
             with self._lock:
+                self._take_inbox()
                 self._cancel_requested()
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def _wake(self) -> None:
-        with self._lock:
+        with self._wakeup:
             self._wakeup.notify_all()
 
     def _ensure_thread(self) -> None:
-        with self._lock:
+        with self._wakeup:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="fastbon-engine", daemon=True)
                 self._thread.start()
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
+            with self._wakeup:
                 while not self._closed and not self._has_work():
                     self._wakeup.wait()
-                if self._closed:
+            if self._closed:
+                with self._lock:
+                    self._take_inbox()
                     self._cancel_requested()
-                    return
-                self.step()
+                return
+            self.step()
 
     def _has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.decoding)
+        return bool(self._inbox or self.waiting or self.prefilling or self.decoding)
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
 
     def run_until(self, done) -> None:
         """Drive the loop from the caller's thread until ``done()`` (an engine without a loop thread)."""
@@ -189,6 +203,7 @@ class Engine:
         over every live row, then the policies. Returns whether there was anything to do."""
         # Inference only: with gradients on, the products would leave the fixed-order kernel (routing.SkinnyLinears).
         with self._lock, torch.no_grad():
+            self._take_inbox()
             self._cancel_requested()
             if not self._has_work():
                 return False
