@@ -158,14 +158,15 @@ def load(args, model, tokenizer) -> list:
     for _ in range(args.repeats):
         server = Server()
         try:
-            cpu = cpu_seconds(server.process.pid)
+            cpu, client_cpu = cpu_seconds(server.process.pid), time.process_time()
             records, wall = asyncio.run(http_load(server.url, bodies, args.clients))
-            cpu = cpu_seconds(server.process.pid) - cpu
+            cpu, client_cpu = cpu_seconds(server.process.pid) - cpu, time.process_time() - client_cpu
             finished = server.metrics()["fastbon_requests_finished_total"]
         finally:
             server.close()
         assert all(record is not None for record in records) and finished == len(bodies), "each answered once"
         rows.append(_summary("server", records, wall, cpu))
+        rows[-1]["client_cpu_s"] = client_cpu  # the HTTP clients' own CPU: on a 2-core machine, taken from the server
         engine = Engine(model, tokenizer)
         try:
             cpu = time.process_time()
@@ -174,6 +175,7 @@ def load(args, model, tokenizer) -> list:
         finally:
             engine.close()
         rows.append(_summary("engine", records, wall, cpu))
+        rows[-1]["client_cpu_s"] = 0.0  # the engine's clients run in its process: counted in cpu_s
         assert rows[-2]["tokens"] == rows[-1]["tokens"], "both sides generated the same tokens"
     return rows
 
@@ -304,7 +306,8 @@ def report(result: dict, args) -> None:
     for row in result["load"]:
         print(f"  {row['side']:<7} {row['tokens_per_s']:8.1f} tokens/s  latency p50 {row['p50_latency_s']:.3f} "
               f"p99 {row['p99_latency_s']:.3f} s  TTFT p50 {row['p50_ttft_s']:.3f} p99 {row['p99_ttft_s']:.3f} s  "
-              f"({row['requests']} requests, {row['tokens']} tokens, {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s)")
+              f"({row['requests']} requests, {row['tokens']} tokens, {row['wall_s']:.1f} s, CPU {row['cpu_s']:.1f} s, "
+              f"clients' CPU {row['client_cpu_s']:.1f} s)")
     print(f"  server / engine throughput (medians): {result['ratio']:.3f}; CPU seconds: {result['cpu_ratio']:.3f}")
     overhead_row = result["overhead"]
     print(f"one request at a time (n=1, 1 token): HTTP {overhead_row['http_ms']:.2f} ms, engine "

@@ -177,21 +177,21 @@ class Formatter:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage(self.prompt_tokens, completion_tokens)}
 
-    def _chunk(self, choices: list) -> dict:
+    def chunk(self, choices: list) -> dict:
         return {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
                 "model": self.model, "choices": choices}
 
-    def chunk(self, index: int, piece: str, event, first: bool) -> dict:
-        """A stream chunk for one choice: its next piece of text, the event's tokens' log-probs where asked."""
+    def choice(self, index: int, piece: str, event, first: bool) -> dict:
+        """One choice of a stream chunk: its next piece of text, the event's tokens' log-probs where asked."""
         choice = {"index": index, "logprobs": self._logprobs(event.tokens, event.logprobs),
                   "finish_reason": finish_reason(event.finish_reason)}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": piece} if first else {"content": piece}
         else:
             choice["text"] = piece
-        return self._chunk([choice])
+        return choice
 
     def usage_chunk(self, completion_tokens: int) -> dict:
-        chunk = self._chunk([])
+        chunk = self.chunk([])
         chunk["usage"] = usage(self.prompt_tokens, completion_tokens)
         return chunk

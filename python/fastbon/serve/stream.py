@@ -36,29 +36,35 @@ async def results(handles: list, waiters) -> list:
 
 
 async def _events(handles: list):
-    """(prompt, event) from every handle's ``astream()`` as they come; the first failure ends the stream."""
+    """Lists of (prompt, event) from every handle's ``astream()``: all that has arrived whenever the stream is
+    read (one engine step's events of every sample, typically); the first failure ends the stream."""
     queue = asyncio.Queue()
 
     async def pump(prompt, handle):
         try:
             async for event in handle.astream():
-                await queue.put((prompt, event, None))
+                queue.put_nowait((prompt, event, None))
         except Exception as error:
-            await queue.put((prompt, None, error))
+            queue.put_nowait((prompt, None, error))
             return
-        await queue.put((prompt, None, None))
+        queue.put_nowait((prompt, None, None))
 
     tasks = [asyncio.ensure_future(pump(prompt, handle)) for prompt, handle in enumerate(handles)]
     try:
         remaining = len(tasks)
         while remaining:
-            prompt, event, error = await queue.get()
-            if error is not None:
-                raise error
-            if event is None:
-                remaining -= 1
-            else:
-                yield prompt, event
+            items, batch = [await queue.get()], []
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            for prompt, event, error in items:
+                if error is not None:
+                    raise error
+                if event is None:
+                    remaining -= 1
+                else:
+                    batch.append((prompt, event))
+            if batch:
+                yield batch
     finally:
         for task in tasks:
             task.cancel()
@@ -74,18 +80,29 @@ async def sse(submission, formatter, first_token, start: float):
     client disconnected, shutdown) cancels the engine requests that are still running."""
     texts, completion_tokens, timed = {}, 0, False
     try:
-        async for prompt, event in _events(submission.handles):
-            index = prompt * formatter.n + event.sample
-            fresh = index not in texts
-            text = texts.setdefault(index, StreamText(formatter.tokenizer, formatter.stops))
-            piece = text.add(event.tokens, event.finish_reason is not None)
-            completion_tokens += len(event.tokens)
-            if not (piece or fresh or event.finish_reason or formatter.logprobs):
-                continue
-            if piece and not timed:
-                first_token.observe(time.perf_counter() - start)
-                timed = True
-            yield _data(formatter.chunk(index, piece, event, fresh))
+        async for batch in _events(submission.handles):
+            # One chunk for all the choices that moved (one per choice: a second piece of one starts the next),
+            # rather than one per sample and step: n times fewer writes and parses on both sides.
+            chunks, current = [], {}
+            for prompt, event in batch:
+                index = prompt * formatter.n + event.sample
+                fresh = index not in texts
+                text = texts.setdefault(index, StreamText(formatter.tokenizer, formatter.stops))
+                piece = text.add(event.tokens, event.finish_reason is not None)
+                completion_tokens += len(event.tokens)
+                if not (piece or fresh or event.finish_reason or formatter.logprobs):
+                    continue
+                if piece and not timed:
+                    first_token.observe(time.perf_counter() - start)
+                    timed = True
+                if index in current:
+                    chunks.append(list(current.values()))
+                    current = {}
+                current[index] = formatter.choice(index, piece, event, fresh)
+            if current:
+                chunks.append(list(current.values()))
+            for choices in chunks:
+                yield _data(formatter.chunk(choices))
         if formatter.include_usage:
             yield _data(formatter.usage_chunk(completion_tokens))
         yield "data: [DONE]\n\n"
