@@ -133,7 +133,7 @@ async def http_load(url: str, bodies: list, clients: int) -> tuple[list, float]:
 async def engine_load(engine: Engine, prompts: list, configs: list, clients: int) -> tuple[list, float]:
     async def one(index):
         start, first, tokens = time.perf_counter(), None, 0
-        # Submitted from a thread, as the server does: submit waits for the engine's lock (held for a whole step).
+        # Submitted from a thread, as the server does: the event loop only reads the streams.
         request = await asyncio.to_thread(engine.submit, prompts[index], configs[index])
         async for event in request.astream():
             if first is None and event.tokens:

@@ -100,9 +100,9 @@ class Submission:
 
 class Server:
     """What the routes share: the engine, the served model, the bound on engine requests in flight, and the
-    threads that call the engine. ``Engine.submit`` and ``Request.cancel`` wait for the engine's lock, which its
-    loop holds for a whole step, and ``Request.result`` blocks until the end: none of them runs on the event loop,
-    which would stall every other stream meanwhile."""
+    threads that call the engine. ``Engine.submit`` checks and builds a request (tensor and tokenizer work; before
+    the engine's inbox it also waited for a whole step) and ``Request.result`` blocks until the end: neither runs
+    on the event loop, which serves every other stream meanwhile."""
 
     def __init__(self, engine, served: ServedModel, max_requests: int):
         self.engine, self.served, self.max_requests = engine, served, max_requests
