@@ -136,3 +136,26 @@ def test_bad_engine_arguments_name_the_argument():
         engine.submit([1, 2], dict(n=2))
     with pytest.raises(ValueError, match="vocabulary"):
         engine.submit([1, 10**6], fastbon.SamplingConfig())
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(monkeypatch):
+    """A step that raises outside any one request's part: the requests it held get the error, none waits forever,
+    and the background loop serves the next request."""
+    model = tiny_model("llama")
+    engine = Engine(model)
+    config = fastbon.SamplingConfig(n=2, max_new_tokens=3, seed=0)
+    original = Engine._admit_rows
+    calls = []
+
+    def broken(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a broken step")
+        return original(self)
+
+    monkeypatch.setattr(Engine, "_admit_rows", broken)
+    first = engine.submit([5, 6, 7], config)
+    with pytest.raises(RuntimeError, match="a broken step"):
+        first.result(timeout=60)
+    assert engine.submit([5, 6, 7], config).result(timeout=60).sequences.shape[1] == 1
+    engine.close()

@@ -181,7 +181,12 @@ class Engine:
                     self._take_inbox()
                     self._cancel_requested()
                 return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # a step that fails outside any one request's part: its requests get the
+                with self._lock:        # error, and the loop goes on for the requests that come next
+                    for request in [*self.waiting, *self.prefilling, *self.decoding]:
+                        self._fail(request, error)
 
     def _has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.prefilling or self.decoding)

@@ -95,6 +95,12 @@ class Request:
             raise self._error
         return self._result
 
+    async def aresult(self):
+        """``result()`` for asyncio: awaits the request's completion without holding a thread."""
+        async for _ in self.astream():
+            pass
+        return self.result()
+
     def stream(self):
         """A blocking iterator of ``StreamEvent``s, ending when the request completes (raising its error, or
         ``Cancelled``)."""
