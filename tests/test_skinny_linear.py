@@ -146,15 +146,15 @@ def test_products_that_need_a_gradient_are_not_routed(monkeypatch):
     assert not calls
 
 
-def test_decode_steps_run_the_kernel_and_prefills_do_not(monkeypatch):
+def test_decode_steps_and_prefills_run_the_kernel(monkeypatch):
     calls = _counting(monkeypatch)
     model = tiny_model("llama")
     prompts = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
     result = fastbon.generate(model, prompts, n=3, max_new_tokens=4, seed=0)
     linears = sum(isinstance(module, torch.nn.Linear) for module in model.modules())
-    # Every linear layer of every decode forward (a prompt's first token samples its prefill's logits; the second
-    # prompt's rows join one forward after the first's, its prefill running beside that forward).
-    assert len(calls) == result.stats["forwards"] * linears and result.stats["forwards"] <= 4
+    # Every linear layer of every forward: the decode steps' and the two prompts' prefills (one chunk each), so no
+    # product depends on the BLAS's thread count.
+    assert len(calls) == (result.stats["forwards"] + 2) * linears and result.stats["forwards"] <= 4
     calls.clear()
     torch_result = fastbon.generate(model, prompts, n=3, max_new_tokens=4, seed=0, backend="torch")
     assert not calls

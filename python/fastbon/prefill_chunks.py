@@ -2,10 +2,12 @@
 
 The chunks start at multiples of ``prefill_chunk`` from the prompt's first token whatever else runs, and a prefix
 cache hit covers whole chunks only, so the products of every chunk have the same shapes and inputs, and the same
-bits, as when the prompt runs alone on an idle engine. The prefill cache holds every key (full-attention layers,
+bits, as when the prompt runs alone on an idle engine; on CPU the linear layers run the fixed-order kernel, so they do
+not depend on the thread count either. The prefill cache holds every key (full-attention layers,
 whatever the model's windows): the decode attention applies the windows itself.
 """
 
+import contextlib
 import time
 
 import torch
@@ -42,7 +44,9 @@ def forward_chunk(engine, request):
     extra = {"logits_to_keep": 1} if "logits_to_keep" in hf.forward_parameters(model) else {}
     ids = request.prompt[start:end].to(device)[None]
     began = time.perf_counter()
-    with torch.no_grad():
+    # The fixed-order products here too (routing.SkinnyLinears): BLAS's sums depend on its thread count, which a
+    # Ray worker, a loaded machine or another process sets differently.
+    with torch.no_grad(), engine.decoder.linears or contextlib.nullcontext():
         out = model(input_ids=ids, attention_mask=torch.ones((1, end), dtype=torch.int64, device=device),
                     position_ids=torch.arange(start, end, device=device)[None], use_cache=True,
                     **{hf.cache_argument(model): cache}, **extra)
