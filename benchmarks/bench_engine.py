@@ -84,6 +84,7 @@ def generated_tokens(results, pad) -> int:
 
 def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8):
     model = llama_model(**shape)
+    pad = model.generation_config.pad_token_id or 0
     eos = list(range(1, 1 + max(1, round(eos_rate * model.config.vocab_size))))
     prompts = workload(prompts_count, shortest, longest)
     config = fastbon.SamplingConfig(n=n, k=1, max_new_tokens=max_new_tokens, eos_token_id=eos, seed=0,
@@ -92,15 +93,21 @@ def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, 
         fastbon.generate(model, prompts[:1], n=2, max_new_tokens=4, eos_token_id=eos)  # warm-up
         engine_results, engine_s, occupancy, late_steps, chunks = run_engine(model, prompts, config, group * n)
         lockstep_results, lockstep_s = run_lockstep(model, prompts, config, group)
-    pad = model.generation_config.pad_token_id or 0
-    same = all(torch.equal(a[:, :b.shape[1]], b) if a.shape[1] >= b.shape[1] else torch.equal(a, b[:, :a.shape[1]])
-               for a, b in zip(engine_results, lockstep_results, strict=True))
+    def equal(a, b):
+        width = min(a.shape[1], b.shape[1])  # each side pads to its own longest sample
+        return torch.equal(a[:, :width], b[:, :width]) and not (a[:, width:] != pad).any() \
+            and not (b[:, width:] != pad).any()
+
+    differing = [index for index, (a, b) in enumerate(zip(engine_results, lockstep_results, strict=True))
+                 if not equal(a, b)]
+    same = not differing
     tokens = generated_tokens(engine_results, pad)
     row = dict(prompts=prompts_count, n=n, max_new_tokens=max_new_tokens, generated_tokens=tokens,
                lockstep_s=round(lockstep_s, 2), engine_s=round(engine_s, 2),
                lockstep_tokens_per_s=round(tokens / lockstep_s, 1), engine_tokens_per_s=round(tokens / engine_s, 1),
                speedup=round(lockstep_s / engine_s, 2), rows_active_share=round(occupancy, 3),
                late_steps_to_first_token=late_steps, late_prefill_chunks=chunks, same_samples=same,
+               differing_prompts=differing,
                longest_sample=max(int((s != pad).sum(-1).max()) for s in engine_results))
     return row
 
