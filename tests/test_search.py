@@ -109,9 +109,8 @@ def test_bad_input_one_clear_error_each():
         search.particle_filter(model, prompts, 4, step_score=lambda s: torch.zeros(2, 3), **run)
     with pytest.raises(ValueError, match="NaN"):
         search.particle_filter(model, prompts, 4, step_score=lambda s: torch.full((1, 4), float("nan")), **run)
-    with pytest.raises(ValueError, match="prompt 1 log-weight -inf"):
-        search.particle_filter(model, prompts, 4, step_score=lambda s: torch.tensor([[0.0] * 4, [-float("inf")] * 4]),
-                               **run)
+    with pytest.raises(ValueError, match="prompt 0 log-weight -inf"):  # each prompt's request scores its own
+        search.particle_filter(model, prompts, 4, step_score=lambda s: torch.full((1, 4), -float("inf")), **run)
     with pytest.raises(TypeError, match="step_score must return a torch.Tensor"):
         search.particle_filter(model, prompts, 4, step_score=lambda s: [0.0] * 4, **run)
     with pytest.raises(ValueError, match="every must be >= 1"):
@@ -120,13 +119,8 @@ def test_bad_input_one_clear_error_each():
         search.particle_filter(model, prompts, 4, step_score=even_tokens, resample="stratified", **run)
     with pytest.raises(ValueError, match="expand must be >= 1"):
         search.beam_search(model, prompts, 2, 0, step_score=even_tokens, **run)
-    seen = []
-    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, output: seen.append(1))
-    try:
-        with pytest.raises(MemoryError, match="beams x expand = 4096 rows per prompt"):
-            search.beam_search(model, prompts, 64, 64, step_score=even_tokens, every=2, max_new_tokens=512,
-                               max_memory="8MiB")
-    finally:
-        hook.remove()
-    assert seen == [], "refused before the prefill"
+    # All 4096 rows of a prompt decode together: refused once its prompt is prefilled, naming the numbers.
+    with pytest.raises(MemoryError, match="all 4096 sample row.*do not fit in max_memory"):
+        search.beam_search(model, prompts, 64, 64, step_score=even_tokens, every=2, max_new_tokens=512,
+                           max_memory="8MiB")
     assert check_weights(torch.zeros(1, 2), 1, 2).dtype == torch.float64

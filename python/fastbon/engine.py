@@ -19,7 +19,7 @@ request's rows go back to waiting and are decoded again later, with the same res
 
 import itertools
 import threading
-from collections import deque
+from collections import Counter, deque
 
 import torch
 
@@ -38,6 +38,8 @@ from .seeds import sample_seeds
 from .stop_strings import StopStrings
 
 DEFAULT_MAX_ROWS = 256
+# csrc/cpu/attention_item.cpp's kGemmRows: a block read by fewer query rows takes the matrix-vector path.
+SHARED_QUERY_ROWS = 4
 
 
 class Engine:
@@ -73,6 +75,10 @@ class Engine:
         self.vocab = model.get_input_embeddings().weight.shape[0]
         self.decoder = Decoder(model, backend, compile)
         self.row_multiple = invariant_rows(model)
+        config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
+        group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or
+                                               config.num_attention_heads)
+        self.rows_per_shared_block = -(-SHARED_QUERY_ROWS // max(1, group))
         self.pool, self.prefix_cache, self.cache = None, None, None
         self.waiting, self.prefilling, self.decoding = deque(), deque(), []
         self.rows: list[Row] = []
@@ -352,7 +358,8 @@ class Engine:
         if not make_room(self):
             return
         rows = self.rows
-        padded = -(-len(rows) // self.row_multiple) * self.row_multiple
+        shadows = self._shadow_paths(rows)
+        padded = -(-(len(rows) + len(shadows)) // self.row_multiple) * self.row_multiple
         levels = max(len(row.request.prompt_blocks) + len(row.blocks) for row in rows)
         if self.decoder.compiled is not None:  # a few static shapes: powers of two of rows and of levels
             padded = max(padded, 1 << (len(rows) - 1).bit_length())
@@ -362,7 +369,7 @@ class Engine:
         # Each row's block holds this step's key when attention runs: its length counts it.
         self.pool.lens[torch.tensor(write_blocks)] = torch.tensor(write_offsets, dtype=torch.int32).to(
             self.device) + 1
-        self.cache.set_rows([row.path() for row in rows], write_blocks, write_offsets, padded, levels)
+        self.cache.set_rows([row.path() for row in rows], write_blocks, write_offsets, padded, levels, shadows)
         inputs = step_inputs(rows, self.device)
         try:
             logits = self.decoder.forward(self.cache, inputs, padded)
@@ -374,6 +381,23 @@ class Engine:
         self.counters["decode_steps"] += 1
         self.counters["peak_kv_bytes"] = max(self.counters["peak_kv_bytes"], self.pool.nbytes())
         self._record(list(rows), tokens, logprobs, top)
+
+    def _shadow_paths(self, rows: list) -> list:
+        """Padding rows that read prompt blocks too few live rows read. The cpu attention kernel multiplies a
+        block's queries as a matrix from ``SHARED_QUERY_ROWS`` query rows on and as vectors below, and the two round
+        differently: a prompt block read by one row alone, and by two when another request shares it (or while the
+        request's rows are admitted in parts), would give that row other bits. With every prompt block read by
+        enough rows, the matrix path serves them all, whatever else runs."""
+        readers = Counter(block for row in rows for block in row.request.prompt_blocks)
+        shadows, seen = [], set()
+        for row in rows:
+            request = row.request
+            if request.id in seen or not request.prompt_blocks:
+                continue
+            seen.add(request.id)
+            lacking = self.rows_per_shared_block - min(readers[block] for block in request.prompt_blocks)
+            shadows.extend([list(request.prompt_blocks)] * max(0, lacking))
+        return shadows
 
     def _record(self, rows: list, tokens, logprobs, top) -> None:
         """Store each row's new token; then the policies: NaN, EOS, length, stop strings, pruning, forks."""

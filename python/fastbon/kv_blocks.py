@@ -64,9 +64,9 @@ class BlockPool:
         return self.limit() - self.blocks_in_use() >= count
 
     def _grow(self) -> None:
-        if self.capacity >= self.limit():
+        if self.capacity - 1 >= self.limit():  # the empty block takes a place in the tensors, not in the budget
             raise PoolFull(f"the KV pool holds its budget's {self.max_blocks} blocks")
-        new = min(self.limit(), 2 * self.capacity)
+        new = min(self.limit() + 1, 2 * self.capacity)
         for tensors in (self.keys, self.values):
             for index, old in enumerate(tensors):
                 grown = old.new_zeros((new, *old.shape[1:]))
@@ -244,14 +244,15 @@ class PagedCache(Cache):
         super().__init__(layers=layers)
 
     def set_rows(self, paths: list, write_blocks: list, write_offsets: list, padded_rows: int,
-                 levels: int | None = None) -> None:
+                 levels: int | None = None, pad_paths: list = ()) -> None:
         """This step's rows: ``paths`` per live row its blocks (the last one receives the row's new key at
-        ``write_offsets``); rows past ``len(paths)`` up to ``padded_rows`` pad the batch with an empty path; the
-        tree has ``levels`` levels (default: the longest path; deeper levels are the empty block)."""
+        ``write_offsets``); rows past ``len(paths)`` up to ``padded_rows`` pad the batch, reading ``pad_paths``
+        first (``fastbon.engine``'s shadow rows), then an empty path; the tree has ``levels`` levels (default: the
+        longest path; deeper levels are the empty block)."""
         device = self.pool.device
-        self.num_levels = max(levels or 0, max(len(path) for path in paths))
+        self.num_levels = max(levels or 0, max(len(path) for path in (*paths, *pad_paths)))
         segments = torch.full((self.num_levels, padded_rows), EMPTY, dtype=torch.int32)
-        for row, path in enumerate(paths):
+        for row, path in enumerate((*paths, *pad_paths)):
             segments[:len(path), row] = torch.tensor(path, dtype=torch.int32)
         self.level_segments = segments.to(device)
         pad = padded_rows - len(paths)
