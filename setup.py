@@ -98,7 +98,7 @@ ext_modules, cmdclass = _extension_build()
 
 setup(
     packages=["fastbon", "fastbon.ops", "fastbon.kernels", "fastbon.models", "fastbon.integrations", "fastbon.jobs",
-              "fastbon.demos"],
+              "fastbon.demos", "fastbon.serve"],
     # fastbon.kernels: the Triton kernel files live in the top-level kernels/ folder, which has no __init__.py so that
     # it never shadows PyPI's kernels (transformers probes it) for Python started in the repository root: an
     # installed regular package outranks a namespace folder. It is not mapped through package_dir: setuptools'
