@@ -132,6 +132,30 @@ def test_random_trees_match_oracle(backend_device, depth, nested):
             torch.testing.assert_close(out.double().cpu(), expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
+def test_cpu_few_rows_same_bits_alone_or_shared(monkeypatch, isa):
+    """The cpu kernel's few-rows path (a block read by fewer than 4 query rows: a sample's own keys) reads each key
+    once for all its rows; a row's output must have the same bits whether 1, 2 or 3 rows share the block (the
+    engine's rows share their own blocks after a fork), and match the float64 oracle."""
+    if isa != "native":
+        monkeypatch.setenv("FASTBON_CPU_ISA", isa)
+    generator = torch.Generator().manual_seed(7)
+    heads, head_dim, length = 2, 64, 300  # two key chunks, the second partial
+    keys, values = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(2))
+    queries = torch.randn(3, heads, head_dim, generator=generator)
+    alone = None
+    for rows in (1, 2, 3):
+        level = (keys, values, torch.tensor([length], dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
+        suffix = torch.zeros(rows, heads, 1, head_dim)
+        lens = torch.zeros(rows, dtype=torch.int32)
+        out = tree_attention(queries[:rows], [level], suffix, suffix, lens, backend="cpu")
+        torch.testing.assert_close(out.double(), path_sdpa(queries[:rows], [level], suffix, suffix, lens),
+                                   rtol=1e-5, atol=1e-5)
+        if alone is None:
+            alone = out[0]
+        assert torch.equal(out[0], alone), f"row 0 changed its bits with {rows} rows on its block"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_16_bit_trees(backend_device, dtype):
     backend, device = backend_device
