@@ -10,8 +10,9 @@ so sample lengths are roughly geometric with a long tail. Both sides get the sam
              finished rows leave, nothing joins, and the call lasts as long as its longest sample;
   engine     one ``fastbon.Engine`` with max_rows = the lockstep call's rows (8 x n): every request submitted at the
              start, rows join as others finish, prompts prefilled in chunks between decode steps.
-Reported: generated tokens/s of each side and their ratio; the engine's mean rows active while requests wait, as a
-share of max_rows; and a request submitted while the engine decodes: the decode steps until its first token beyond
+Reported: generated tokens/s of each side and their ratio; the decode forwards each side ran (the steps that each
+stream every weight once: the part of the win that does not depend on the device); the engine's mean rows active
+while requests wait, as a share of max_rows; and a request submitted while the engine decodes: the decode steps until its first token beyond
 its own prefill chunks. The samples are checked equal on both sides (the same bits whatever the load). Writes
 benchmarks/out/engine.csv and engine.png.
 """
@@ -40,14 +41,15 @@ def workload(prompts: int, shortest: int, longest: int, seed: int = 0) -> list:
 
 def run_lockstep(model, prompts, config, group):
     start = time.perf_counter()
-    results = []
+    results, forwards = [], 0
     for first in range(0, len(prompts), group):
         batch = prompts[first:first + group]
         result = fastbon.generate(model, batch, n=config.n, k=config.k, max_new_tokens=config.max_new_tokens,
                                   eos_token_id=list(config.eos_token_id), return_all=True,
                                   seed=[config.seed + first + index for index in range(len(batch))])
         results.extend(result.all_sequences[index] for index in range(len(batch)))
-    return results, time.perf_counter() - start
+        forwards += result.stats["forwards"]
+    return results, time.perf_counter() - start, forwards
 
 
 def run_engine(model, prompts, config, max_rows):
@@ -75,14 +77,15 @@ def run_engine(model, prompts, config, max_rows):
     engine.step()
     results = [request.result().all_sequences[0] for request in requests]
     chunks = -(-prompts[-1].numel() // engine.prefill_chunk)
-    return results, seconds, sum(occupancy) / max(1, len(occupancy)), first_token - arrived, chunks
+    return results, seconds, sum(occupancy) / max(1, len(occupancy)), first_token - arrived, chunks, \
+        engine.stats["decode_steps"]
 
 
 def generated_tokens(results, pad) -> int:
     return sum(int((sequences != pad).sum()) for sequences in results)
 
 
-def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8):
+def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8, engine_rows=None):
     model = llama_model(**shape)
     pad = model.generation_config.pad_token_id or 0
     eos = list(range(1, 1 + max(1, round(eos_rate * model.config.vocab_size))))
@@ -91,8 +94,9 @@ def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, 
                                     return_all=True)
     with torch.no_grad():
         fastbon.generate(model, prompts[:1], n=2, max_new_tokens=4, eos_token_id=eos)  # warm-up
-        engine_results, engine_s, occupancy, late_steps, chunks = run_engine(model, prompts, config, group * n)
-        lockstep_results, lockstep_s = run_lockstep(model, prompts, config, group)
+        engine_results, engine_s, occupancy, late_steps, chunks, engine_forwards = run_engine(
+            model, prompts, config, engine_rows or group * n)
+        lockstep_results, lockstep_s, lockstep_forwards = run_lockstep(model, prompts, config, group)
     def equal(a, b):
         width = min(a.shape[1], b.shape[1])  # each side pads to its own longest sample
         return torch.equal(a[:, :width], b[:, :width]) and not (a[:, width:] != pad).any() \
@@ -102,10 +106,13 @@ def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, 
                  if not equal(a, b)]
     same = not differing
     tokens = generated_tokens(engine_results, pad)
-    row = dict(prompts=prompts_count, n=n, max_new_tokens=max_new_tokens, generated_tokens=tokens,
+    row = dict(prompts=prompts_count, n=n, max_new_tokens=max_new_tokens, engine_max_rows=engine_rows or group * n,
+               lockstep_rows=group * n, generated_tokens=tokens,
                lockstep_s=round(lockstep_s, 2), engine_s=round(engine_s, 2),
                lockstep_tokens_per_s=round(tokens / lockstep_s, 1), engine_tokens_per_s=round(tokens / engine_s, 1),
                speedup=round(lockstep_s / engine_s, 2), rows_active_share=round(occupancy, 3),
+               lockstep_forwards=lockstep_forwards, engine_forwards=engine_forwards,
+               forwards_ratio=round(lockstep_forwards / engine_forwards, 2),
                late_steps_to_first_token=late_steps, late_prefill_chunks=chunks, same_samples=same,
                differing_prompts=differing,
                longest_sample=max(int((s != pad).sum(-1).max()) for s in engine_results))
@@ -147,8 +154,11 @@ def main():
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=2048)
     parser.add_argument("--eos-rate", type=float, default=1 / 256)
+    parser.add_argument("--engine-rows", type=int, default=None,
+                        help="the engine's max_rows (default: the lockstep call's rows, 8 x n)")
     args = parser.parse_args()
-    row = bench(args.prompts, 64, 1024, args.n, args.max_new_tokens, SHAPE, args.eos_rate)
+    row = bench(args.prompts, 64, 1024, args.n, args.max_new_tokens, SHAPE, args.eos_rate,
+                engine_rows=args.engine_rows)
     write(row)
     for name, value in row.items():
         print(f"{name}: {value}")

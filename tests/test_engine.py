@@ -30,19 +30,19 @@ def _random_request(rng: random.Random):
 
 
 def test_results_do_not_depend_on_the_load():
-    """8 threads submit 8 random requests each at random times to one busy engine: every result equals, bit for
+    """8 threads submit 50 random requests each at random times to one busy engine: every result equals, bit for
     bit, the same request alone on an idle engine; none is lost or answered twice."""
     model = tiny_model("llama")
     engine = Engine(model, max_rows=24)
     rng = random.Random(0)
-    plans = [[_random_request(rng) for _ in range(8)] for _ in range(8)]
+    plans = [[_random_request(rng) for _ in range(50)] for _ in range(8)]
     results = {}
 
     def client(index):
         local = random.Random(index)
         for position, (prompt, config) in enumerate(plans[index]):
-            threading.Event().wait(local.random() * 0.02)
-            results[(index, position)] = engine.submit(prompt, config).result(timeout=300)
+            threading.Event().wait(local.random() * 0.01)
+            results[(index, position)] = engine.submit(prompt, config).result(timeout=600)
 
     with torch.no_grad():
         threads = [threading.Thread(target=client, args=(index,)) for index in range(8)]
@@ -51,8 +51,8 @@ def test_results_do_not_depend_on_the_load():
         for thread in threads:
             thread.join()
     engine.close()
-    assert len(results) == 64
-    assert engine.stats["requests_finished"] == 64 and engine.stats["rows_active"] == 0
+    assert len(results) == 400
+    assert engine.stats["requests_finished"] == 400 and engine.stats["rows_active"] == 0
     alone = Engine(model, background=False)
     for (index, position), result in results.items():
         prompt, config = plans[index][position]
@@ -76,6 +76,28 @@ def test_prefix_cache_forwards_the_shared_prompt_once_with_the_same_bits():
     own_tokens = sum(len(prompt) - 2 * BLOCK for prompt in prompts[1:])
     assert cached.stats["prefill_tokens"] == len(prompts[0]) + own_tokens
     assert cached.stats["prefix_cache_hit_tokens"] == 3 * 2 * BLOCK
+
+
+def test_200_requests_share_a_1024_token_system_prompt():
+    """The issue's shape: 200 requests behind one 1,024-token system prompt forward it once (prefill tokens = 1,024 +
+    their own tokens) and give the same bits as with the cache off."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(1)
+    system = torch.randint(3, VOCAB, (4 * BLOCK,), generator=generator).tolist()
+    prompts = [system + torch.randint(3, VOCAB, (1 + index % 17,), generator=generator).tolist()
+               for index in range(200)]
+    config = fastbon.SamplingConfig(n=2, k=1, max_new_tokens=2, seed=3)
+    with torch.no_grad():
+        cached = Engine(model, prefill_chunk=BLOCK, background=False)
+        requests = [cached.submit(prompt, config) for prompt in prompts]
+        cached.run_until(lambda: all(request.done() for request in requests))
+        uncached = Engine(model, prefill_chunk=BLOCK, prefix_cache=False, background=False)
+        reference = [uncached.submit(prompt, config) for prompt in prompts]
+        uncached.run_until(lambda: all(request.done() for request in reference))
+    assert all(_same(a.result(), b.result()) for a, b in zip(requests, reference, strict=True))
+    own = sum(len(prompt) - len(system) for prompt in prompts)
+    assert cached.stats["prefill_tokens"] <= len(system) + own
+    assert uncached.stats["prefill_tokens"] == 200 * len(system) + own
 
 
 def test_weights_updated_in_place_are_forwarded_again():

@@ -245,13 +245,12 @@ class Engine(EngineStep):
     def _admit_prefills(self) -> None:
         """Start prefilling waiting requests while their samples would find rows soon."""
         while self.waiting and (not self.prefilling or self._rows_promised() < self.max_rows):
-            request = self.waiting.popleft()
-            if self.pool is not None:
-                self._take_cached_prefix(request)
-            self.prefilling.append(request)
+            self.prefilling.append(self.waiting.popleft())
 
     def _take_cached_prefix(self, request: Request) -> None:
-        if not self.use_prefix_cache:
+        """Looked up when the request's prefill starts, not when it is admitted: prompts are prefilled one at a
+        time, so 200 requests submitted together behind one system prompt find it cached by the first one."""
+        if not self.use_prefix_cache or self.pool is None:
             return
         request.cache_keys = prefix_keys(request.prompt, weights_version(self.model))
         blocks = self.prefix_cache.lookup(request.cache_keys)
@@ -269,6 +268,8 @@ class Engine(EngineStep):
         request = next((r for r in self.prefilling if r.first_logits is None), None)
         if request is None:
             return
+        if request.prefilled == 0 and request.cache_keys is None:
+            self._take_cached_prefix(request)
         try:
             out, cache = forward_chunk(self, request)
         except PoolFull:

@@ -65,7 +65,7 @@ def forward_chunk(engine, request):
     request.stats["prefill_tokens"] += end - start
     engine.counters["prefill_tokens"] += end - start
     if engine.use_prefix_cache:
-        if getattr(request, "cache_keys", None) is None:
+        if request.cache_keys is None:
             from .engine_memory import prefix_keys, weights_version
 
             request.cache_keys = prefix_keys(request.prompt, weights_version(model))

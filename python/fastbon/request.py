@@ -66,6 +66,7 @@ class Request:
                       "preempted": 0, "pruned": 0, "suffix_kv_bytes": 0}
         # Filled by the engine: the prompt's blocks, the prefill's position and cache, the first token's logits.
         self.prompt_blocks, self.prefilled, self.prefill_cache, self.first_logits = [], 0, None, None
+        self.cache_keys = None  # the prompt's prefix-cache keys, one per full block (set when its prefill starts)
         self.prompt_seen = None
         self.steps = 0  # decode steps taken by this request's rows (the same for all of them while it prunes/forks)
         self.cancel_requested = False
