@@ -2,19 +2,21 @@
 
     python benchmarks/bench_engine.py                # 64 prompts of 64-1024 tokens, n = 8, EOS at ~1/256 per step
     python benchmarks/bench_engine.py --prompts 16   # a shorter run
+    python benchmarks/bench_engine.py --step-costs   # ms per engine step at 1-256 busy rows
     pytest benchmarks/bench_engine.py                # a seconds-long smoke run (CI)
 
 The benchmark Llama (random weights) with a set of EOS ids it draws at about 1/256 per step (max_new_tokens 2048),
 so sample lengths are roughly geometric with a long tail. Both sides get the same requests, seeds and settings:
   lockstep   ``fastbon.generate`` over groups of 8 prompts, one call after the other: a call's rows start together,
              finished rows leave, nothing joins, and the call lasts as long as its longest sample;
-  engine     one ``fastbon.Engine`` with max_rows = the lockstep call's rows (8 x n): every request submitted at the
-             start, rows join as others finish, prompts prefilled in chunks between decode steps.
+  engine     one ``fastbon.Engine`` with max_rows = the lockstep call's rows (8 x n; ``--engine-rows`` sets another):
+             every request submitted at the start, rows join as others finish, prompts prefilled in chunks between
+             decode steps.
 Reported: generated tokens/s of each side and their ratio; the decode forwards each side ran (the steps that each
 stream every weight once: the part of the win that does not depend on the device); the engine's mean rows active
-while requests wait, as a share of max_rows; and a request submitted while the engine decodes: the decode steps until its first token beyond
-its own prefill chunks. The samples are checked equal on both sides (the same bits whatever the load). Writes
-benchmarks/out/engine.csv and engine.png.
+while requests wait, as a share of max_rows; and a request submitted while the engine decodes: the decode steps
+until its first token beyond its own prefill chunks. The samples are checked equal on both sides (the same bits
+whatever the load). Writes benchmarks/out/engine.csv and engine.png.
 """
 
 import argparse
@@ -85,8 +87,9 @@ def generated_tokens(results, pad) -> int:
     return sum(int((sequences != pad).sum()) for sequences in results)
 
 
-def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8, engine_rows=None):
-    model = llama_model(**shape)
+def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, group=8, engine_rows=None,
+          device="cpu"):
+    model = llama_model(**shape, device=device)
     pad = model.generation_config.pad_token_id or 0
     eos = list(range(1, 1 + max(1, round(eos_rate * model.config.vocab_size))))
     prompts = workload(prompts_count, shortest, longest)
@@ -119,6 +122,31 @@ def bench(prompts_count, shortest, longest, n, max_new_tokens, shape, eos_rate, 
     return row
 
 
+def step_costs(rows_list=(1, 4, 8, 16, 32, 64, 128, 256), prompt_len=544, shape=SHAPE, steps=20) -> dict:
+    """Milliseconds per decode step of an engine whose rows are all busy (requests of n = 8 on random prompts of
+    ``prompt_len`` tokens, no EOS), for each row count: what a step costs as it fills."""
+    model = llama_model(**shape)
+    generator = torch.Generator().manual_seed(0)
+    costs = {}
+    with torch.no_grad():
+        for rows in rows_list:
+            engine = Engine(model, max_rows=rows, background=False, prefix_cache=False)
+            n = min(8, rows)
+            config = fastbon.SamplingConfig(n=n, k=1, max_new_tokens=steps + 64, eos_token_id=[], seed=0)
+            for index in range(max(1, rows // n)):
+                engine.submit(torch.randint(3, 500, (prompt_len,), generator=generator), config.replace(seed=index))
+            while engine.stats["rows_active"] < rows or engine.stats["requests_waiting"]:
+                engine.step()
+            for _ in range(3):
+                engine.step()
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            costs[rows] = 1000 * (time.perf_counter() - start) / steps
+            engine.close()
+    return costs
+
+
 def write(row: dict) -> None:
     OUT.mkdir(exist_ok=True)
     with open(OUT / "engine.csv", "w", newline="") as handle:
@@ -136,6 +164,12 @@ def write(row: dict) -> None:
     axis.set_title(f"{row['prompts']} prompts x n={row['n']}, EOS ~1/256 per step: {row['speedup']}x")
     figure.tight_layout()
     figure.savefig(OUT / "engine.png", dpi=120)
+
+
+def test_step_costs_smoke():
+    """CI: the step-cost sweep runs (not timed)."""
+    costs = step_costs((1, 4), prompt_len=40, shape=TINY, steps=2)
+    assert set(costs) == {1, 4} and all(value > 0 for value in costs.values())
 
 
 def test_engine_smoke():
@@ -156,9 +190,16 @@ def main():
     parser.add_argument("--eos-rate", type=float, default=1 / 256)
     parser.add_argument("--engine-rows", type=int, default=None,
                         help="the engine's max_rows (default: the lockstep call's rows, 8 x n)")
+    parser.add_argument("--device", default="cpu", help="where the model runs (cuda: benchmarks/gpu_check.sh)")
+    parser.add_argument("--step-costs", action="store_true",
+                        help="instead: milliseconds per engine step at 1-256 busy rows (prompts of 544 tokens)")
     args = parser.parse_args()
+    if args.step_costs:
+        for rows, milliseconds in step_costs().items():
+            print(f"{rows:4d} rows: {milliseconds:7.2f} ms per step, {milliseconds / rows:6.3f} ms per row")
+        return
     row = bench(args.prompts, 64, 1024, args.n, args.max_new_tokens, SHAPE, args.eos_rate,
-                engine_rows=args.engine_rows)
+                engine_rows=args.engine_rows, device=args.device)
     write(row)
     for name, value in row.items():
         print(f"{name}: {value}")

@@ -82,7 +82,8 @@ def run_engine(shape, requests, n, max_new_tokens, max_memory, eos_rate=1 / 256)
         handles = [engine.submit(prompt, config.replace(seed=index)) for index, prompt in enumerate(prompts)]
         engine.run_until(lambda: all(handle.done() for handle in handles))
     stats = engine.stats
-    return dict(seconds=time.perf_counter() - start, peak_mb=peak.peak_bytes / 2**20,
+    model_mb = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()) / 2**20
+    return dict(seconds=time.perf_counter() - start, peak_mb=peak.peak_bytes / 2**20, model_mb=model_mb,
                 budget_mb=parse_budget(max_memory) / 2**20, peak_kv_mb=stats["peak_kv_bytes"] / 2**20,
                 tokens=stats["tokens_generated"], preempted=stats["preempted"], finished=stats["requests_finished"])
 
@@ -128,7 +129,9 @@ def engine(shape, requests=200, n=8, max_new_tokens=1024, max_memory="256MiB"):
     run = json.loads(output.strip().splitlines()[-1])
     print(f"{run['finished']} requests, {run['tokens']} tokens in {run['seconds']:.1f} s under max_memory="
           f"{max_memory}: peak RSS growth {run['peak_mb']:.1f} MB (budget {run['budget_mb']:.0f} MiB; the KV pool "
-          f"peaked at {run['peak_kv_mb']:.1f} MiB; {run['preempted']} rows preempted)")
+          f"peaked at {run['peak_kv_mb']:.1f} MiB; {run['preempted']} rows preempted); peak RSS growth / (budget + "
+          f"model's {run['model_mb']:.0f} MiB) = {run['peak_mb'] / (run['budget_mb'] + run['model_mb']):.2f} "
+          "(target <= 1)")
     return run
 
 
@@ -136,11 +139,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["follow", "budget", "engine"])
     parser.add_argument("--eos-rate", type=float, default=1 / 300, help="follow: EOS draws per step (about)")
+    parser.add_argument("--requests", type=int, default=200, help="engine: requests of n=8")
+    parser.add_argument("--max-new-tokens", type=int, default=1024, help="engine")
     args = parser.parse_args(argv)
     if args.what == "follow":
         follow(FOLLOW_SHAPE, eos_rate=args.eos_rate)
     elif args.what == "engine":
-        engine(FOLLOW_SHAPE)
+        engine(FOLLOW_SHAPE, requests=args.requests, max_new_tokens=args.max_new_tokens)
     else:
         budget(FOLLOW_SHAPE)
     return 0
