@@ -133,24 +133,28 @@ def test_random_trees_match_oracle(backend_device, depth, nested):
 
 
 @pytest.mark.parametrize("isa", ["native", "avx2", "baseline"])
-def test_cpu_few_rows_same_bits_alone_or_shared(monkeypatch, isa):
-    """The cpu kernel's few-rows path (a block read by fewer than 4 query rows: a sample's own keys) reads each key
-    once for all its rows; a row's output must have the same bits whether 1, 2 or 3 rows share the block (the
-    engine's rows share their own blocks after a fork), and match the float64 oracle."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("features", [{}, {"window": 200}, {"softcap": 5.0}], ids=["plain", "window", "softcap"])
+def test_cpu_row_bits_do_not_depend_on_rows_sharing_its_block(monkeypatch, isa, dtype, features):
+    """The cpu kernel reads a block with few query rows (< 4: a sample's own keys) on one path and with many (a
+    prompt's n samples) on a matrix path; both score with the same lane-folded dot products and sum in the same
+    order, so a row's output has the same bits whether 1, 2, 3, 4, 5 or 8 rows share its block: the engine needs
+    no padding rows to keep a request's bits independent of the load. Each call also matches the float64 oracle."""
     if isa != "native":
         monkeypatch.setenv("FASTBON_CPU_ISA", isa)
     generator = torch.Generator().manual_seed(7)
     heads, head_dim, length = 2, 64, 300  # two key chunks, the second partial
-    keys, values = (torch.randn(1, heads, length, head_dim, generator=generator) for _ in range(2))
-    queries = torch.randn(3, heads, head_dim, generator=generator)
+    keys, values = (torch.randn(1, heads, length, head_dim, generator=generator).to(dtype) for _ in range(2))
+    queries = torch.randn(8, heads, head_dim, generator=generator).to(dtype)
     alone = None
-    for rows in (1, 2, 3):
+    for rows in (1, 2, 3, 4, 5, 8):
         level = (keys, values, torch.tensor([length], dtype=torch.int32), torch.zeros(rows, dtype=torch.int32))
-        suffix = torch.zeros(rows, heads, 1, head_dim)
+        suffix = torch.zeros(rows, heads, 1, head_dim, dtype=dtype)
         lens = torch.zeros(rows, dtype=torch.int32)
-        out = tree_attention(queries[:rows], [level], suffix, suffix, lens, backend="cpu")
-        torch.testing.assert_close(out.double(), path_sdpa(queries[:rows], [level], suffix, suffix, lens),
-                                   rtol=1e-5, atol=1e-5)
+        out = tree_attention(queries[:rows], [level], suffix, suffix, lens, backend="cpu", **features)
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out.double(), path_sdpa(queries[:rows], [level], suffix, suffix, lens, **features),
+                                   rtol=tolerance, atol=tolerance)
         if alone is None:
             alone = out[0]
         assert torch.equal(out[0], alone), f"row 0 changed its bits with {rows} rows on its block"

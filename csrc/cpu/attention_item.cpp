@@ -145,18 +145,48 @@ FASTBON_INLINE void attend_rows(const Segment<In, Acc>& segment, int64_t head_di
   }
 }
 
-// The few-rows path: float rows without a window share their keys' reads; other types and windows go row by row.
+// The few-rows path: rows accumulating in float share each key's read and score with the matrix path's arithmetic
+// (attention_rows.h); float64 goes row by row.
 template <typename In, typename Acc, int Lanes>
 FASTBON_INLINE void attend_few_rows(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap, Acc* scratch) {
-  if constexpr (std::is_same_v<In, float> && std::is_same_v<Acc, float>) {
-    if (segment.starts == nullptr && head_dim % Lanes == 0 && segment.length > 0) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (head_dim % Lanes == 0 && segment.length > 0) {
+      const float* keys = reinterpret_cast<const float*>(segment.keys);
+      const float* values = reinterpret_cast<const float*>(segment.values);
+      float* rest = scratch;
+      if constexpr (!std::is_same_v<In, float>) {  // 16-bit inputs widened once, as the matrix path does
+        float* wide_keys = scratch;
+        float* wide_values = wide_keys + kChunk * head_dim;
+#pragma omp simd
+        for (int64_t index = 0; index < segment.length * head_dim; ++index) {
+          wide_keys[index] = to_float(segment.keys[index]);
+          wide_values[index] = to_float(segment.values[index]);
+        }
+        keys = wide_keys, values = wide_values;
+        rest = wide_values + kChunk * round_up(head_dim, kMaxColumns);
+      }
       static_assert(kGemmRows == 4, "rows 1-3 take rows::attend_rows_shared");
-      if (segment.rows == 1) return rows::attend_rows_shared<Lanes, 1>(segment, head_dim, softcap, scratch);
-      if (segment.rows == 2) return rows::attend_rows_shared<Lanes, 2>(segment, head_dim, softcap, scratch);
-      if (segment.rows == 3) return rows::attend_rows_shared<Lanes, 3>(segment, head_dim, softcap, scratch);
+      if (segment.rows == 1) return rows::attend_rows_shared<Lanes, 1>(segment, keys, values, head_dim, softcap, rest);
+      if (segment.rows == 2) return rows::attend_rows_shared<Lanes, 2>(segment, keys, values, head_dim, softcap, rest);
+      if (segment.rows == 3) return rows::attend_rows_shared<Lanes, 3>(segment, keys, values, head_dim, softcap, rest);
     }
   }
   attend_rows(segment, head_dim, softcap, scratch);
+}
+
+// The matrix path's scores when they accumulate in float: attention_rows.h's lane-folded dot products (the few-rows
+// path's), written transposed into scores_t [length, padded_rows], the padding columns zero.
+template <typename Acc, int Lanes>
+FASTBON_INLINE bool folded_scores(const Acc* queries, int64_t rows, int64_t padded_rows, int64_t length,
+                                  const Acc* keys, int64_t head_dim, Acc* scores_t) {
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (head_dim % Lanes != 0) return false;
+    rows::score_rows<Lanes>(queries, rows, length, keys, head_dim, scores_t, 1, padded_rows);
+    for (int64_t key = 0; key < length; ++key)
+      for (int64_t r = rows; r < padded_rows; ++r) scores_t[key * padded_rows + r] = 0;
+    return true;
+  }
+  return false;
 }
 
 // The score product's tile width for `rows` query rows: one or two vectors when they hold the rows, else Cols (a
@@ -233,7 +263,9 @@ FASTBON_INLINE void attend_segment(const Segment<In, Acc>& segment, int64_t head
       for (int64_t r = 0; r < rows; ++r) queries_t[d * padded_rows + r] = segment.queries[(first_row + r) * head_dim + d];
       for (int64_t r = rows; r < padded_rows; ++r) queries_t[d * padded_rows + r] = 0;
     }
-    scores_product<Acc, Rows, Cols, Lanes>(length, padded_rows, head_dim, key_rows, queries_t, scores_t);
+    if (!folded_scores<Acc, Lanes>(segment.queries + first_row * head_dim, rows, padded_rows, length, key_rows,
+                                   head_dim, scores_t))
+      scores_product<Acc, Rows, Cols, Lanes>(length, padded_rows, head_dim, key_rows, queries_t, scores_t);
     if (softcap > 0) soft_cap(scores_t, length * padded_rows, softcap);
     if (segment.starts != nullptr) {
       for (int64_t r = 0; r < rows; ++r) {

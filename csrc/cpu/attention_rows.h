@@ -1,9 +1,10 @@
-// The CPU attention's item for a few float query rows without a window (a sample's own keys, read by its Hq/Hkv
-// query heads; attention_item.cpp sends rows 1-3 here): each key and each value is read once for all the rows,
-// where attend_rows reads them once per row. A row's score for a key is one vector of lane partial sums over
-// head_dim, folded pairwise (skinny::pairwise_sums: every accumulator's lanes in the same order, whatever else shares
-// the tile), and its weighted values are summed in key order per element: a row's bits depend only on the row and
-// its keys, never on the other rows or on where a key falls in a tile.
+// The CPU attention's scores as lane-folded dot products, and its item for a few query rows (a sample's own keys,
+// read by its Hq/Hkv query heads; attention_item.cpp sends rows 1-3 here). Each key and each value is read once for
+// all the rows. A row's score for a key is one vector of lane partial sums over head_dim, folded pairwise
+// (skinny::pairwise_sums: every accumulator's lanes in the same order, whatever else shares the tile); the matrix
+// path scores with the same function and the rest of both paths does the same operations in the same order, so a
+// row's bits depend only on the row and its keys: never on the other rows, on where a key falls in a tile, or on
+// how many rows read the block.
 #pragma once
 
 #include <algorithm>
@@ -18,7 +19,8 @@
 namespace fastbon::cpu::rows {
 
 template <int Lanes, int Rows, int Keys>
-FASTBON_INLINE void score_tile(const float* queries, const float* keys, int64_t head_dim, float* scores) {
+FASTBON_INLINE void score_tile(const float* queries, const float* keys, int64_t head_dim, float* scores,
+                               int64_t row_stride, int64_t key_stride) {
   using Vec = typename skinny::LaneVector<Lanes>::Vec;
   using Unaligned = typename skinny::LaneVector<Lanes>::Unaligned;
   Vec acc[Rows][Keys];
@@ -38,7 +40,37 @@ FASTBON_INLINE void score_tile(const float* queries, const float* keys, int64_t 
   float sums[Rows * Keys];
   skinny::pairwise_sums<Lanes>(acc, sums);
   for (int r = 0; r < Rows; ++r)
-    for (int c = 0; c < Keys; ++c) scores[r * kChunk + c] = sums[r * Keys + c];
+    for (int c = 0; c < Keys; ++c) scores[r * row_stride + c * key_stride] = sums[r * Keys + c];
+}
+
+// scores[r * row_stride + key * key_stride] = queries[r] · keys[key] for `rows` rows and `length` keys, in tiles of
+// up to 4 rows x Keys keys: every score the same lane-folded sum whatever the tile. The matrix path (many rows,
+// scores transposed) and the few-rows path both score with it, so a row's bits do not depend on its block's path.
+template <int Lanes, int Rows>
+FASTBON_INLINE void score_row_tile(const float* queries, int64_t length, const float* keys, int64_t head_dim,
+                                   float* scores, int64_t row_stride, int64_t key_stride) {
+  constexpr int kKeys = Lanes == 16 ? (Rows <= 3 ? 8 : 6) : (Rows <= 3 ? 3 : 2);  // accumulators in registers
+  int64_t key = 0;
+  for (; key + kKeys <= length; key += kKeys)
+    score_tile<Lanes, Rows, kKeys>(queries, keys + key * head_dim, head_dim, scores + key * key_stride, row_stride,
+                                   key_stride);
+  for (; key < length; ++key)
+    score_tile<Lanes, Rows, 1>(queries, keys + key * head_dim, head_dim, scores + key * key_stride, row_stride,
+                               key_stride);
+}
+
+template <int Lanes>
+FASTBON_INLINE void score_rows(const float* queries, int64_t rows, int64_t length, const float* keys,
+                               int64_t head_dim, float* scores, int64_t row_stride, int64_t key_stride) {
+  int64_t row = 0;
+  for (; row + 4 <= rows; row += 4)
+    score_row_tile<Lanes, 4>(queries + row * head_dim, length, keys, head_dim, scores + row * row_stride, row_stride,
+                             key_stride);
+  const float* rest = queries + row * head_dim;
+  float* out = scores + row * row_stride;
+  if (rows - row == 3) score_row_tile<Lanes, 3>(rest, length, keys, head_dim, out, row_stride, key_stride);
+  if (rows - row == 2) score_row_tile<Lanes, 2>(rest, length, keys, head_dim, out, row_stride, key_stride);
+  if (rows - row == 1) score_row_tile<Lanes, 1>(rest, length, keys, head_dim, out, row_stride, key_stride);
 }
 
 // out[r][d] = the sum over keys of p[r][key] · values[key][d], in key order per element (as weighted_values), the
@@ -67,40 +99,43 @@ FASTBON_INLINE void weighted_values_tile(const float* values, const float* p, in
     for (int w = 0; w < Width; ++w) std::memcpy(out + r * head_dim + d + w * Lanes, &sums[r][w], sizeof(Vec));
 }
 
-template <int Lanes, int Rows>
-FASTBON_INLINE void attend_rows_shared(const Segment<float, float>& segment, int64_t head_dim, float softcap,
-                                       float* scratch) {
-  constexpr int kKeys = Lanes == 16 ? 8 : 4;  // Rows x kKeys accumulators + Rows query vectors in the registers
+// The few-rows item (1-3 rows) with the matrix path's arithmetic after the scores: soft-cap, the window's hidden
+// keys at -inf, the maximum, exp, the sum of the weights in key order, the weighted values in key order, the
+// normalisation; so the same row on the same block gives the same bits on either path. `keys` and `values` are
+// float (16-bit inputs widened by the caller); scratch holds Rows x (kChunk + head_dim) floats.
+template <int Lanes, int Rows, typename In>
+FASTBON_INLINE void attend_rows_shared(const Segment<In, float>& segment, const float* keys, const float* values,
+                                       int64_t head_dim, float softcap, float* scratch) {
   constexpr int kWidth = Lanes == 16 ? 4 : 2;
   float* scores = scratch;                        // [Rows, kChunk]
   float* accumulator = scores + Rows * kChunk;    // [Rows, head_dim]
   const int64_t length = segment.length;
-  int64_t key = 0;
-  for (; key + kKeys <= length; key += kKeys)
-    score_tile<Lanes, Rows, kKeys>(segment.queries, segment.keys + key * head_dim, head_dim, scores + key);
-  for (; key < length; ++key) score_tile<Lanes, Rows, 1>(segment.queries, segment.keys + key * head_dim, head_dim,
-                                                         scores + key);
+  score_row_tile<Lanes, Rows>(segment.queries, length, keys, head_dim, scores, kChunk, 1);
   float maximum[Rows], sum[Rows];
   for (int r = 0; r < Rows; ++r) {
     float* row = scores + r * kChunk;
     if (softcap > 0) soft_cap(row, length, softcap);
+    const int64_t hidden = first_visible_key(segment, r);
+    for (int64_t k = 0; k < hidden; ++k) row[k] = -std::numeric_limits<float>::infinity();
     maximum[r] = -std::numeric_limits<float>::infinity();
     for (int64_t k = 0; k < length; ++k) maximum[r] = std::max(maximum[r], row[k]);
+    if (segment.starts != nullptr && std::isinf(maximum[r])) maximum[r] = 0;  // sees no key: every weight 0
+#pragma omp simd
+    for (int64_t k = 0; k < length; ++k) row[k] = exp_nonpositive(row[k] - maximum[r]);
     float total = 0;
-#pragma omp simd reduction(+ : total)
-    for (int64_t k = 0; k < length; ++k) {
-      const float p = exp_nonpositive(row[k] - maximum[r]);
-      row[k] = p;
-      total += p;
-    }
+    for (int64_t k = 0; k < length; ++k) total += row[k];  // in key order, as the matrix path's column sums
     sum[r] = total;
   }
   int64_t d = 0;
   for (; d + kWidth * Lanes <= head_dim; d += kWidth * Lanes)
-    weighted_values_tile<Lanes, Rows, kWidth>(segment.values, scores, length, head_dim, d, accumulator);
+    weighted_values_tile<Lanes, Rows, kWidth>(values, scores, length, head_dim, d, accumulator);
   for (; d < head_dim; d += Lanes)
-    weighted_values_tile<Lanes, Rows, 1>(segment.values, scores, length, head_dim, d, accumulator);
+    weighted_values_tile<Lanes, Rows, 1>(values, scores, length, head_dim, d, accumulator);
   for (int r = 0; r < Rows; ++r) {
+    if (sum[r] == 0) {
+      write_empty_row(segment, r, head_dim);
+      continue;
+    }
     float* destination = segment.out + r * segment.out_stride;
     const float inverse = 1.0f / sum[r];
 #pragma omp simd

@@ -27,7 +27,7 @@ from . import dispatch, hf, routing
 from .config import SamplingConfig
 from .decode import EOS, LENGTH, PRUNED, STOP, Decoder, invariant_rows
 from .engine_memory import pool_blocks, prefix_keys, weights_version
-from .engine_step import SHARED_QUERY_ROWS, EngineStep
+from .engine_step import EngineStep, shared_block_rows
 from .kv_blocks import BLOCK, BlockPool, PagedCache, PoolFull, PrefixCache
 from .prefill_chunks import forward_chunk
 from .prompts import special_ids
@@ -74,10 +74,7 @@ class Engine(EngineStep):
         self.vocab = model.get_input_embeddings().weight.shape[0]
         self.decoder = Decoder(model, backend, compile)
         self.row_multiple = invariant_rows(model)
-        config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
-        group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or
-                                               config.num_attention_heads)
-        self.rows_per_shared_block = -(-SHARED_QUERY_ROWS // max(1, group))
+        self.rows_per_shared_block = shared_block_rows(model)
         self.pool, self.prefix_cache, self.cache = None, None, None
         self.waiting, self.prefilling, self.decoding = deque(), deque(), []
         self.rows: list[Row] = []

@@ -1,6 +1,6 @@
 """The engine's step over its rows: new rows admitted (their first tokens drawn from their prompts' logits), one
-decode forward over every live row (with the shadow rows that keep the attention kernel on its matrix path), and the
-tokens recorded before the policies run (``fastbon.engine_policies``). A part of ``fastbon.Engine``."""
+decode forward over every live row (float64 models: with the shadow rows that keep the attention on its matrix
+path), and the tokens recorded before the policies run (``fastbon.engine_policies``). A part of ``fastbon.Engine``."""
 
 from collections import Counter
 
@@ -8,8 +8,21 @@ import torch
 
 from .rows import Row, step_inputs
 
-# csrc/cpu/attention_item.cpp's kGemmRows: a block read by fewer query rows takes the matrix-vector path.
+# csrc/cpu/attention_item.cpp's kGemmRows: a block read by fewer query rows takes the few-rows path.
 SHARED_QUERY_ROWS = 4
+
+
+def shared_block_rows(model) -> int:
+    """The live rows each prompt block must be read by for a row's bits not to depend on who shares its block.
+    The cpu attention reads a block with fewer than ``SHARED_QUERY_ROWS`` query rows on a few-rows path and with
+    more on a matrix path; accumulating in float (float32, bfloat16, float16 models) both do the same operations in
+    the same order (csrc/cpu/attention_rows.h), so one row is enough. In float64 they still round differently: a
+    block needs enough rows for the matrix path, and the engine adds shadow rows where it lacks them."""
+    if model.get_output_embeddings().weight.dtype != torch.float64:
+        return 1
+    config = model.get_text_config() if hasattr(model, "get_text_config") else model.config
+    group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return -(-SHARED_QUERY_ROWS // max(1, group))
 
 
 class EngineStep:
@@ -94,11 +107,11 @@ class EngineStep:
         self._record(list(rows), tokens, logprobs, top)
 
     def _shadow_paths(self, rows: list) -> list:
-        """Padding rows that read prompt blocks too few live rows read. The cpu attention kernel multiplies a
-        block's queries as a matrix from ``SHARED_QUERY_ROWS`` query rows on and as vectors below, and the two round
-        differently: a prompt block read by one row alone, and by two when another request shares it (or while the
-        request's rows are admitted in parts), would give that row other bits. With every prompt block read by
-        enough rows, the matrix path serves them all, whatever else runs."""
+        """Padding rows that read prompt blocks too few live rows read (float64 models only: see
+        ``shared_block_rows``). There the cpu attention's matrix path and few-rows path round differently: a prompt
+        block read by one row alone, and by two when another request shares it (or while the request's rows are
+        admitted in parts), would give that row other bits. With every prompt block read by enough rows, the matrix
+        path serves them all, whatever else runs."""
         readers = Counter(block for row in rows for block in row.request.prompt_blocks)
         shadows, seen = [], set()
         for row in rows:
