@@ -1,7 +1,9 @@
 // One work item of the CPU shared-prefix attention on the vector units: a chunk of keys against the query rows that
-// share it. Two paths by the number of rows: many rows (a prompt's n·(Hq/Hkv) queries against a prefix chunk) run two
-// register-tiled GEMMs with the softmax between them; few rows (a sample's suffix) run a dot product per key and a
-// weighted sum of values per row. attention.cpp builds the items, runs them in parallel and merges their partials.
+// share it. Two paths by the number of rows: many rows (a prompt's n·(Hq/Hkv) queries against a prefix chunk) score
+// into a transposed block and multiply by the values as a register-tiled GEMM, the softmax between them; few rows (a
+// sample's own keys) score and sum the values for all their rows in one pass over the keys (attention_rows.h).
+// Accumulating in float, both paths do the same operations in the same order per row, so a row's bits do not depend
+// on how many rows share its block. attention.cpp builds the items, runs them in parallel and merges their partials.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -220,8 +222,9 @@ FASTBON_INLINE void scores_product(int64_t length, int64_t padded_rows, int64_t 
                         padded_rows);
 }
 
-// Many rows (a prompt's queries against a prefix chunk): S^T = K · Q^T and O = P · V as two register-tiled GEMMs,
-// the softmax running down S^T's columns. K is read in its own layout; only the small Q block is transposed.
+// Many rows (a prompt's queries against a prefix chunk): S^T = K · Q^T (in float: the few-rows path's lane-folded
+// dot products, so both paths give a row the same bits; in float64 a register-tiled GEMM over the transposed Q
+// block) and O = P · V as a register-tiled GEMM, the softmax running down S^T's columns in key order.
 template <typename In, typename Acc, int Rows, int Cols, int Lanes>
 FASTBON_INLINE void attend_segment(const Segment<In, Acc>& segment, int64_t head_dim, Acc softcap, Acc* scratch) {
   if (segment.rows < kGemmRows) return attend_few_rows<In, Acc, Lanes>(segment, head_dim, softcap, scratch);
@@ -259,13 +262,14 @@ FASTBON_INLINE void attend_segment(const Segment<In, Acc>& segment, int64_t head
   for (int64_t first_row = 0; first_row < segment.rows; first_row += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, segment.rows - first_row);
     const int64_t padded_rows = round_up(rows, score_columns<Acc, Cols, Lanes>(rows));
-    for (int64_t d = 0; d < head_dim; ++d) {
-      for (int64_t r = 0; r < rows; ++r) queries_t[d * padded_rows + r] = segment.queries[(first_row + r) * head_dim + d];
-      for (int64_t r = rows; r < padded_rows; ++r) queries_t[d * padded_rows + r] = 0;
-    }
     if (!folded_scores<Acc, Lanes>(segment.queries + first_row * head_dim, rows, padded_rows, length, key_rows,
-                                   head_dim, scores_t))
+                                   head_dim, scores_t)) {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        for (int64_t r = 0; r < rows; ++r) queries_t[d * padded_rows + r] = segment.queries[(first_row + r) * head_dim + d];
+        for (int64_t r = rows; r < padded_rows; ++r) queries_t[d * padded_rows + r] = 0;
+      }
       scores_product<Acc, Rows, Cols, Lanes>(length, padded_rows, head_dim, key_rows, queries_t, scores_t);
+    }
     if (softcap > 0) soft_cap(scores_t, length * padded_rows, softcap);
     if (segment.starts != nullptr) {
       for (int64_t r = 0; r < rows; ++r) {
